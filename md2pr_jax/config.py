@@ -1,0 +1,309 @@
+"""Configuration schema, defaults and validation.
+
+Every experiment is a Python file in `configs/` whose `get_config()` starts from
+`base_config()` and overrides what it needs. `validate()` turns bad values into one clear
+error naming the key; `load_config()` is what the entry point and the tests use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def bert_shape(
+    *,
+    vocab_size: int = 30522,
+    hidden_size: int = 384,
+    num_layers: int = 6,
+    num_heads: int = 12,
+    intermediate_size: int = 1536,
+    max_position_embeddings: int = 512,
+    type_vocab_size: int = 2,
+) -> ConfigDict:
+    """The shape of a BERT encoder (defaults: all-MiniLM-L6-v2)."""
+    return ConfigDict(
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            type_vocab_size=type_vocab_size,
+            layer_norm_eps=1e-12,
+            hidden_act="gelu",
+        )
+    )
+
+
+def base_config() -> ConfigDict:
+    """All keys with their defaults. Configs override values; they never add keys."""
+    c = ConfigDict()
+    c.seed = 0
+    c.name = "md2pr"
+
+    # --- models -------------------------------------------------------------------------
+    # `init`: a Hugging Face folder or hub id ('' = random init). When set, its config.json
+    # must match `bert` (a mismatch is an error naming both values).
+    c.student = ConfigDict()
+    c.student.init = ""
+    c.student.tokenizer = ""  # '' = same as init
+    c.student.bert = bert_shape()
+    c.student.pooling = "mean"  # 'mean' | 'cls'
+    c.student.normalize = True  # L2-normalise embeddings
+    c.student.shared_towers = True  # one encoder for queries and passages
+    c.student.similarity_scale = 20.0  # scores = scale * q.p (1/temperature when normalised)
+
+    c.teacher = ConfigDict()
+    c.teacher.init = ""
+    c.teacher.bert = bert_shape()
+
+    c.model = ConfigDict()
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU
+    c.model.param_dtype = "float32"
+    c.model.remat = False  # rematerialise each layer in the backward pass
+    c.model.attention_dropout = 0.0
+    c.model.hidden_dropout = 0.0
+
+    # --- data ---------------------------------------------------------------------------
+    c.data = ConfigDict()
+    c.data.dir = os.environ.get("MD2PR_DATA_DIR", "")  # holds <dataset>/ in BEIR layout
+    c.data.dataset = "scifact"
+    c.data.builder = "beir"  # 'beir' | 'msmarco_passage' | 'nq_dpr'
+    c.data.cache_dir = ""  # '' = WORKDIR/data
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.dev_fraction = 0.0  # share of train queries held out as a dev split
+    c.data.max_query_len = 32
+    c.data.max_passage_len = 128
+    c.data.bad_records = "error"  # 'error' | 'skip'
+    c.data.max_docs = 0  # >0: keep a subset of the corpus (debug); judged docs always kept
+    c.data.max_train_queries = 0
+    c.data.max_eval_queries = 0
+    c.data.num_negatives = 7  # hard negatives per query in a training list
+    c.data.num_workers = 0
+
+    # --- losses -------------------------------------------------------------------------
+    c.loss = ConfigDict()
+    c.loss.use_ce = True
+    c.loss.use_sent = True
+    c.loss.use_word = True
+    c.loss.use_margin_mse = False
+    c.loss.alpha = 1.0  # weight of L_sent
+    c.loss.beta = 0.1  # weight of L_word
+    c.loss.gamma = 1.0  # weight of margin-MSE
+    c.loss.kd_temperature = 1.0  # T
+    c.loss.word_topk = 1  # top-k negatives (by teacher score) in L_word, plus the positive
+    c.loss.layer_pairs = ((-1, -1),)  # (student layer, teacher layer); negative = from the end
+    c.loss.teacher_mode = "cached"  # 'cached' | 'online'
+
+    # --- training -----------------------------------------------------------------------
+    c.train = ConfigDict()
+    c.train.batch_size = 16  # global number of queries per step
+    c.train.lr = 2e-5
+    c.train.weight_decay = 0.01
+    c.train.warmup_steps = 50
+    c.train.grad_clip = 1.0
+    c.train.grad_accum = 1
+    c.train.epochs = 1  # per student round
+    c.train.max_steps = 0  # >0 caps the steps of a round
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.log_every = 10
+
+    # --- teacher (round 0) --------------------------------------------------------------
+    c.teacher_train = ConfigDict()
+    c.teacher_train.batch_size = 16  # queries per step, each with its list
+    c.teacher_train.num_negatives = 7
+    c.teacher_train.lr = 3e-5
+    c.teacher_train.epochs = 2
+    c.teacher_train.max_steps = 0
+    c.teacher_train.warmup_steps = 50
+    c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
+    c.teacher_train.rerank_depth = 100
+
+    # --- rounds, mining and the false-negative filter ----------------------------------
+    c.rounds = ConfigDict()
+    c.rounds.num_rounds = 2
+    c.rounds.mine_depth = 50  # top-K candidates mined per training query
+    c.rounds.skip_top = 0  # ignore the first ranks when sampling negatives
+
+    c.filter = ConfigDict()
+    c.filter.enabled = True
+    c.filter.dynamic = True  # False: the fixed threshold tau0 every round
+    c.filter.tau0 = 0.9
+    c.filter.momentum = 0.5  # m
+    c.filter.quantile = 0.1  # rho
+    c.filter.tau_min = 0.5
+    c.filter.tau_max = 0.99
+    c.filter.promote = False  # candidates above promote_tau join the positives
+    c.filter.promote_tau = 0.99
+    c.filter.plant_fraction = 0.0  # >0: the planted check hides this share of positives
+
+    # --- retrieval ----------------------------------------------------------------------
+    c.retrieval = ConfigDict()
+    c.retrieval.encode_batch_size = 64
+    c.retrieval.eval_depth = 1000
+    c.retrieval.brute_force_below = 20000  # corpora smaller than this use exact search
+    c.retrieval.scann_leaves = 0  # 0 = about sqrt(N)
+    c.retrieval.scann_leaves_to_search = 0  # 0 = leaves // 10 + 1
+    c.retrieval.scann_reorder = 0  # 0 = 10 x depth
+
+    # --- scale --------------------------------------------------------------------------
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1 fills the axis with the devices left
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.aot = ConfigDict()
+    c.aot.topology = ""  # e.g. 'v5e:2x2'
+    return c
+
+
+def _diff_keys(base: ConfigDict, cfg: ConfigDict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            unknown.append(path)
+        elif isinstance(value, ConfigDict) and isinstance(base[key], ConfigDict):
+            unknown += _diff_keys(base[key], value, path + ".")
+    return unknown
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the key that holds it."""
+
+
+def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
+    """Checks a config and returns it; raises ConfigError naming the bad key."""
+    unknown = _diff_keys(base_config(), cfg)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}; the known keys are in "
+            "md2pr_jax/config.py:base_config()"
+        )
+
+    def positive(key: str, value: Any):
+        if not value > 0:
+            raise ConfigError(f"config.{key} must be positive, got {value!r}")
+
+    positive("train.lr", cfg.train.lr)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.grad_accum", cfg.train.grad_accum)
+    positive("teacher_train.lr", cfg.teacher_train.lr)
+    positive("teacher_train.batch_size", cfg.teacher_train.batch_size)
+    positive("loss.kd_temperature", cfg.loss.kd_temperature)
+    positive("data.max_query_len", cfg.data.max_query_len)
+    positive("data.max_passage_len", cfg.data.max_passage_len)
+    positive("retrieval.encode_batch_size", cfg.retrieval.encode_batch_size)
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"config.train.grad_accum={cfg.train.grad_accum}"
+        )
+    choices = {
+        "student.pooling": ("mean", "cls"),
+        "loss.teacher_mode": ("cached", "online"),
+        "data.bad_records": ("error", "skip"),
+        "data.builder": ("beir", "msmarco_passage", "nq_dpr"),
+        "model.dtype": ("float32", "bfloat16", "float16"),
+        "model.param_dtype": ("float32", "bfloat16"),
+    }
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        if cfg[section][name] not in allowed:
+            raise ConfigError(f"config.{key}={cfg[section][name]!r}; expected one of {allowed}")
+    for tower in ("student", "teacher"):
+        b = cfg[tower].bert
+        if b.hidden_size % b.num_heads:
+            raise ConfigError(
+                f"config.{tower}.bert.hidden_size={b.hidden_size} is not divisible by "
+                f"num_heads={b.num_heads}"
+            )
+    if cfg.data.max_query_len + cfg.data.max_passage_len > cfg.teacher.bert.max_position_embeddings:
+        raise ConfigError(
+            "config.data.max_query_len + max_passage_len exceeds the teacher's "
+            f"max_position_embeddings={cfg.teacher.bert.max_position_embeddings}"
+        )
+    for pair in cfg.loss.layer_pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"config.loss.layer_pairs holds {pair!r}; each must be (student, teacher)")
+    if not 0.0 <= cfg.filter.quantile <= 1.0:
+        raise ConfigError(f"config.filter.quantile must lie in [0, 1], got {cfg.filter.quantile}")
+    if not cfg.filter.tau_min <= cfg.filter.tau_max:
+        raise ConfigError("config.filter.tau_min must not exceed config.filter.tau_max")
+    if num_devices is not None:
+        mesh_shape(cfg, num_devices)
+    return cfg
+
+
+def mesh_shape(cfg: ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for `num_devices`, filling the one -1 axis; ConfigError if it does not divide."""
+    axes = [int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)]
+    if axes.count(-1) > 1:
+        raise ConfigError(f"config.mesh has more than one -1 axis: {axes}")
+    fixed = 1
+    for a in axes:
+        if a == 0 or a < -1:
+            raise ConfigError(f"config.mesh axes must be positive or -1, got {axes}")
+        if a != -1:
+            fixed *= a
+    if num_devices % fixed:
+        raise ConfigError(
+            f"config.mesh (data, fsdp, tensor)={tuple(axes)} does not divide the {num_devices} "
+            "devices; choose axes whose product divides the device count"
+        )
+    if -1 in axes:
+        axes[axes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config.mesh (data, fsdp, tensor)={tuple(axes)} uses {fixed} devices but "
+            f"{num_devices} are present; set one axis to -1 to fill it"
+        )
+    return tuple(axes)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `get_config()` from a Python file and applies 'key=value' overrides."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location("_md2pr_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        _set_by_path(cfg, key, value)
+    return validate(cfg)
+
+
+def _set_by_path(cfg: ConfigDict, key: str, text: str) -> None:
+    import ast
+
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        if p not in node:
+            raise ConfigError(f"unknown config key: {key}")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key: {key}")
+    old = node[leaf]
+    if isinstance(old, str):
+        value = text
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"cannot parse {key}={text!r}: {e}") from None
+        if isinstance(old, float) and isinstance(value, int):
+            value = float(value)
+    node[leaf] = value

