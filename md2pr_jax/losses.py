@@ -30,7 +30,11 @@ _NEG = -1e9
 
 
 def _f32(x) -> Array:
-    return jnp.asarray(x).astype(jnp.float32)
+    """At least float32: bf16/f16/ints -> float32; float64 (only under x64, e.g. tests) stays."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(jnp.float32)
 
 
 def _valid(mask) -> Array:
