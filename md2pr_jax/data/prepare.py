@@ -1,0 +1,449 @@
+"""The prepared dataset: ids, texts, judgements and token ids, built once and cached.
+
+`prepare_dataset(config, workdir)` builds (or reuses) the TFDS build of config.data.builder,
+applies the config's subsets and dev hold-out, tokenizes every query and document once with
+the model's tokenizer, and saves it all beside each other under
+
+    <cache_dir>/prepared/<builder>-<dataset>-<key>/
+
+where <key> hashes everything the content depends on (source build, tokenizer, lengths,
+subsets, seed, policy). A second call with the same config loads the arrays memory-mapped.
+
+Tokens are stored unpadded as `[CLS] ... [SEP]`, truncated to max_query_len / max_passage_len,
+in one flat int32 array plus int64 offsets. The teacher input is the concatenation of these
+same arrays (the model does it), so token positions align with the student's by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from functools import cached_property
+from typing import Iterable, Sequence
+
+import numpy as np
+from absl import logging
+
+from md2pr_jax.data import builders
+
+PREPARED_VERSION = 1  # bump when the prepared layout or its content rules change
+_TOKENIZE_CHUNK = 2048
+
+
+# ----------------------------------------------------------------------------------------
+# Flat storage
+
+
+class StringTable(Sequence[str]):
+    """A read-only list of strings stored as UTF-8 bytes + offsets (cheap to save and mmap)."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets  # uint8 [total], int64 [n + 1]
+
+    @classmethod
+    def from_strings(cls, strings: Iterable[str]) -> "StringTable":
+        encoded = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
+
+    def save(self, prefix: str) -> None:
+        np.save(prefix + ".data.npy", self.data)
+        np.save(prefix + ".offsets.npy", self.offsets)
+
+    @classmethod
+    def load(cls, prefix: str) -> "StringTable":
+        return cls(np.load(prefix + ".data.npy", mmap_mode="r"), np.load(prefix + ".offsets.npy"))
+
+
+class TokenTable:
+    """Token ids of n sequences, stored flat: ids int32 [total], offsets int64 [n + 1].
+
+    Each sequence is `[CLS] ... [SEP]`. `gather` pads to a fixed length; a sequence longer
+    than the requested length is cut and ends with [SEP] again.
+    """
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, sep_id: int, pad_id: int):
+        self.ids, self.offsets, self.sep_id, self.pad_id = ids, offsets, sep_id, pad_id
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]], sep_id: int, pad_id: int) -> "TokenTable":
+        lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(offsets[-1]))
+        return cls(ids, offsets, sep_id, pad_id)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int32 [n]: tokens per sequence, [CLS] and [SEP] included (for length bucketing)."""
+        return np.diff(self.offsets).astype(np.int32)
+
+    def gather(self, indices, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask), both int32 [*indices.shape, max_len], padded with pad_id / 0."""
+        idx = np.asarray(indices, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"token index out of range [0, {len(self)}): min {idx.min()}, max {idx.max()}")
+        start = self.offsets[idx]  # [...]
+        length = self.offsets[idx + 1] - start
+        cut = np.minimum(length, max_len)
+        pos = np.arange(max_len, dtype=np.int64)
+        mask = pos < cut[..., None]  # [..., L]
+        flat_pos = np.where(mask, start[..., None] + pos, 0)
+        ids = np.where(mask, self.ids[flat_pos], self.pad_id).astype(np.int32)
+        long = length > max_len
+        if long.any():
+            ids[long, max_len - 1] = self.sep_id
+        return ids, mask.astype(np.int32)
+
+    def save(self, prefix: str) -> None:
+        np.save(prefix + ".ids.npy", self.ids)
+        np.save(prefix + ".offsets.npy", self.offsets)
+
+    @classmethod
+    def load(cls, prefix: str, sep_id: int, pad_id: int) -> "TokenTable":
+        return cls(np.load(prefix + ".ids.npy", mmap_mode="r"), np.load(prefix + ".offsets.npy"), sep_id, pad_id)
+
+
+# ----------------------------------------------------------------------------------------
+# The prepared dataset
+
+
+@dataclasses.dataclass
+class RetrievalDataset:
+    """A retrieval corpus with its queries, judgements and token ids, as the rest of the code uses it.
+
+    doc_ids / doc_texts:     the corpus in source order; doc_texts[i] = (title + ' ' + text).strip()
+    query_ids / query_texts: every query of every split (one index space; splits in `split_queries`)
+    qrels:                   split -> {query id: {doc id: graded score}} (score > 0 = relevant)
+    split_queries:           split -> query ids of that split (NQ test queries have answers only)
+    answers:                 query id -> answer strings (NQ; empty elsewhere)
+    hard_negatives:          query id -> doc ids given by the source (DPR, MS MARCO triples)
+    """
+
+    name: str
+    path: str  # the folder holding the prepared files
+    doc_ids: list[str]
+    doc_texts: Sequence[str]
+    query_ids: list[str]
+    query_texts: Sequence[str]
+    qrels: dict[str, dict[str, dict[str, int]]]
+    split_queries: dict[str, list[str]]
+    answers: dict[str, list[str]]
+    hard_negatives: dict[str, list[str]]
+    query_table: TokenTable
+    doc_table: TokenTable
+    max_query_len: int
+    max_passage_len: int
+    bad_records: dict
+    from_cache: bool = False  # True when this call loaded a previous preparation
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_ids)
+
+    @cached_property
+    def doc_index(self) -> dict[str, int]:
+        """doc id -> row in doc_ids and the doc token table."""
+        return {d: i for i, d in enumerate(self.doc_ids)}
+
+    @cached_property
+    def query_index(self) -> dict[str, int]:
+        """query id -> row in query_ids and the query token table."""
+        return {q: i for i, q in enumerate(self.query_ids)}
+
+    def query_indices(self, split: str) -> np.ndarray:
+        """int32 [n]: rows of the queries of `split`, in source order."""
+        if split not in self.split_queries:
+            raise KeyError(f"{self.name} has no split {split!r}; it has {sorted(self.split_queries)}")
+        return np.array([self.query_index[q] for q in self.split_queries[split]], np.int32)
+
+    def positives(self, split: str) -> dict[int, list[int]]:
+        """query row -> rows of its relevant documents (score > 0) in `split`."""
+        di, qi = self.doc_index, self.query_index
+        return {qi[q]: [di[d] for d, s in docs.items() if s > 0] for q, docs in self.qrels.get(split, {}).items()}
+
+    def query_tokens(self, indices, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) int32 [*indices.shape, max_len or config.data.max_query_len]."""
+        return self.query_table.gather(indices, max_len or self.max_query_len)
+
+    def doc_tokens(self, indices, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) int32 [*indices.shape, max_len or config.data.max_passage_len]."""
+        return self.doc_table.gather(indices, max_len or self.max_passage_len)
+
+    @property
+    def query_lengths(self) -> np.ndarray:
+        return self.query_table.lengths
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return self.doc_table.lengths
+
+    def summary(self) -> dict:
+        """Counts for logs and reports."""
+        return {
+            "name": self.name,
+            "docs": self.num_docs,
+            "queries": self.num_queries,
+            "splits": {
+                s: {"queries": len(qs), "judgements": sum(len(self.qrels.get(s, {}).get(q, {})) for q in qs)}
+                for s, qs in self.split_queries.items()
+            },
+            "mean_doc_tokens": float(self.doc_lengths.mean()) if self.num_docs else 0.0,
+            "mean_query_tokens": float(self.query_lengths.mean()) if self.num_queries else 0.0,
+            "bad_records_skipped": self.bad_records.get("total", 0),
+            "path": self.path,
+        }
+
+
+def cache_dir(config, workdir: str) -> str:
+    """config.data.cache_dir, or WORKDIR/data."""
+    return config.data.cache_dir or os.path.join(workdir, "data")
+
+
+def source_dir(config) -> str:
+    """Where the raw files of config.data.dataset lie: <config.data.dir>/<dataset>."""
+    return os.path.join(config.data.dir, config.data.dataset) if config.data.dir else ""
+
+
+def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
+    """Builds or loads the prepared dataset for `config` (see the module docstring).
+
+    `tokenizer` defaults to `md2pr_jax.hf.load_tokenizer(config)`; it must be a fast tokenizer
+    that adds [CLS] ... [SEP].
+    """
+    d = config.data
+    if not d.dir:
+        raise ValueError("config.data.dir is empty; set it (or MD2PR_DATA_DIR) to the folder holding <dataset>/")
+    root = cache_dir(config, workdir)
+    build = builders.build(d.builder, d.dataset, source_dir(config), root, d.bad_records)
+    if tokenizer is None:
+        from md2pr_jax.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(config)
+    key_fields = {
+        "version": PREPARED_VERSION,
+        "build": _build_stamp(build.data_dir),
+        "tokenizer": hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "max_query_len": int(d.max_query_len),
+        "max_passage_len": int(d.max_passage_len),
+        "dev_fraction": float(d.dev_fraction),
+        "max_docs": int(d.max_docs),
+        "max_train_queries": int(d.max_train_queries),
+        "max_eval_queries": int(d.max_eval_queries),
+        "train_split": d.train_split,
+        "seed": int(config.seed),
+    }
+    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(root, "prepared", f"{d.builder}-{d.dataset}-{key}")
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        _prepare(config, build, tokenizer, path, key_fields)
+        ds = load_prepared(path)
+    else:
+        ds = load_prepared(path)
+        ds.from_cache = True
+    logging.info("prepared %s: %s", ds.name, json.dumps(ds.summary()))
+    return ds
+
+
+def _build_stamp(data_dir: str) -> str:
+    """Changes whenever the TFDS build is redone (its source stamp is rewritten)."""
+    st = os.stat(os.path.join(data_dir, "md2pr_source.json"))
+    return f"{data_dir}:{st.st_mtime_ns}"
+
+
+def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fields: dict) -> None:
+    d = config.data
+    t0 = time.time()
+    docs = list(builders.read_split(build, "corpus"))
+    splits = {s: list(builders.read_split(build, s)) for s in build.splits if s != "corpus"}
+    t_read = time.time() - t0
+    rng = np.random.default_rng(config.seed)
+    splits = _select_queries(splits, d, rng)
+    docs = _select_docs(docs, splits, d.max_docs, rng)
+    kept = {doc["id"] for doc in docs}
+
+    query_ids, query_texts, qrels, split_queries, answers, negatives = [], [], {}, {}, {}, {}
+    seen = {}
+    for split, queries in splits.items():
+        split_queries[split], qrels[split] = [], {}
+        for q in queries:
+            if q["id"] not in seen:
+                seen[q["id"]] = len(query_ids)
+                query_ids.append(q["id"])
+                query_texts.append(q["text"])
+            split_queries[split].append(q["id"])
+            judged = {doc: int(s) for doc, s in zip(q["doc_ids"], q["scores"]) if doc in kept}
+            if judged:
+                qrels[split][q["id"]] = judged
+            if q["answers"]:
+                answers[q["id"]] = q["answers"]
+            negs = [n for n in q["neg_ids"] if n in kept]
+            if negs:
+                negatives[q["id"]] = negs
+    doc_ids = [doc["id"] for doc in docs]
+    doc_texts = [(doc["title"] + " " + doc["text"]).strip() for doc in docs]
+
+    t1 = time.time()
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    q_tok = TokenTable.from_lists(_tokenize(tokenizer, query_texts, d.max_query_len, "queries"), sep_id, pad_id)
+    p_tok = TokenTable.from_lists(_tokenize(tokenizer, doc_texts, d.max_passage_len, "documents"), sep_id, pad_id)
+    for table, what in ((q_tok, "query"), (p_tok, "document")):
+        starts = table.ids[table.offsets[:-1]]
+        if len(table) and not (starts == cls_id).all():
+            raise ValueError(f"the tokenizer does not start each {what} with [CLS] (id {cls_id}); use a BERT-style tokenizer")
+    t_tok = time.time() - t1
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(path))
+    StringTable.from_strings(doc_ids).save(os.path.join(tmp, "doc_ids"))
+    StringTable.from_strings(doc_texts).save(os.path.join(tmp, "doc_texts"))
+    StringTable.from_strings(query_ids).save(os.path.join(tmp, "query_ids"))
+    StringTable.from_strings(query_texts).save(os.path.join(tmp, "query_texts"))
+    q_tok.save(os.path.join(tmp, "query_tokens"))
+    p_tok.save(os.path.join(tmp, "doc_tokens"))
+    with open(os.path.join(tmp, "judgements.json"), "w") as f:
+        json.dump({"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}, f)
+    with open(os.path.join(tmp, "bad_records.json"), "w") as f:
+        json.dump(build.bad_records, f, indent=1)
+    meta = {
+        "name": f"{d.builder}/{d.dataset}",
+        "key": key_fields,
+        "tfds_dir": build.data_dir,
+        "cls_id": cls_id,
+        "sep_id": sep_id,
+        "pad_id": pad_id,
+        "max_query_len": int(d.max_query_len),
+        "max_passage_len": int(d.max_passage_len),
+        "seconds": {"read": t_read, "tokenize": t_tok},
+    }
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished the same preparation first
+        shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("prepared %s in %.1fs (read %.1fs, tokenize %.1fs)", path, time.time() - t0, t_read, t_tok)
+
+
+def _tokenize(tokenizer, texts: list[str], max_len: int, what: str) -> list[list[int]]:
+    from tqdm import tqdm
+
+    out: list[list[int]] = []
+    chunks = range(0, len(texts), _TOKENIZE_CHUNK)
+    for start in tqdm(chunks, desc=f"tokenizing {what}", unit="chunk", disable=len(chunks) < 4):
+        enc = tokenizer(
+            texts[start : start + _TOKENIZE_CHUNK],
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_len,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        out += enc["input_ids"]
+    return out
+
+
+def _select_queries(splits: dict[str, list[dict]], d, rng: np.random.Generator) -> dict[str, list[dict]]:
+    """Applies dev_fraction, max_train_queries and max_eval_queries (seeded; source order kept)."""
+    splits = dict(splits)
+    train = d.train_split
+    if d.dev_fraction > 0:
+        if "dev" in splits:
+            raise ValueError(
+                f"config.data.dev_fraction={d.dev_fraction} would hold out a 'dev' split, but "
+                f"{d.dataset} already has one; set dev_fraction=0 to use it"
+            )
+        if train not in splits:
+            raise ValueError(f"config.data.dev_fraction needs a {train!r} split; the dataset has {sorted(splits)}")
+        n = len(splits[train])
+        n_dev = int(round(d.dev_fraction * n))
+        if not 0 < n_dev < n:
+            raise ValueError(f"config.data.dev_fraction={d.dev_fraction} of {n} train queries leaves an empty split")
+        dev = np.zeros(n, bool)
+        dev[rng.choice(n, n_dev, replace=False)] = True
+        splits["dev"] = [q for q, h in zip(splits[train], dev) if h]
+        splits[train] = [q for q, h in zip(splits[train], dev) if not h]
+    for split, queries in splits.items():
+        cap = d.max_train_queries if split == train else d.max_eval_queries
+        if cap and len(queries) > cap:
+            keep = np.sort(rng.choice(len(queries), cap, replace=False))
+            splits[split] = [queries[i] for i in keep]
+    return splits
+
+
+def _select_docs(docs: list[dict], splits: dict[str, list[dict]], max_docs: int, rng) -> list[dict]:
+    """All docs, or (max_docs > 0) every judged doc of the kept queries plus seeded random others."""
+    if not max_docs or len(docs) <= max_docs:
+        return docs
+    judged = {doc for queries in splits.values() for q in queries for doc in q["doc_ids"]}
+    keep = np.array([doc["id"] in judged for doc in docs])
+    if keep.sum() > max_docs:
+        logging.warning("config.data.max_docs=%d < %d judged documents; keeping all judged ones", max_docs, keep.sum())
+    others = np.flatnonzero(~keep)
+    extra = max(0, max_docs - int(keep.sum()))
+    keep[rng.choice(others, min(extra, len(others)), replace=False)] = True
+    return [doc for doc, k in zip(docs, keep) if k]
+
+
+def load_prepared(path: str) -> RetrievalDataset:
+    """Loads a prepared folder (arrays memory-mapped)."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(path, "judgements.json")) as f:
+        j = json.load(f)
+    with open(os.path.join(path, "bad_records.json")) as f:
+        bad = json.load(f)
+    sep, pad = meta["sep_id"], meta["pad_id"]
+    return RetrievalDataset(
+        name=meta["name"],
+        path=path,
+        doc_ids=list(StringTable.load(os.path.join(path, "doc_ids"))),
+        doc_texts=StringTable.load(os.path.join(path, "doc_texts")),
+        query_ids=list(StringTable.load(os.path.join(path, "query_ids"))),
+        query_texts=list(StringTable.load(os.path.join(path, "query_texts"))),
+        qrels=j["qrels"],
+        split_queries=j["split_queries"],
+        answers=j["answers"],
+        hard_negatives=j["hard_negatives"],
+        query_table=TokenTable.load(os.path.join(path, "query_tokens"), sep, pad),
+        doc_table=TokenTable.load(os.path.join(path, "doc_tokens"), sep, pad),
+        max_query_len=meta["max_query_len"],
+        max_passage_len=meta["max_passage_len"],
+        bad_records=bad,
+    )
+
+
+def prepare_mode(config, workdir: str) -> None:
+    """`--mode prepare`: builds or loads the dataset and prints its counts."""
+    t0 = time.time()
+    ds = prepare_dataset(config, workdir)
+    summary = ds.summary()
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["from_cache"] = ds.from_cache
+    print(json.dumps(summary, indent=1))
