@@ -1,0 +1,77 @@
+"""BM25 (bm25s, Lucene variant) with English stopwords and the Snowball English stemmer.
+
+The baseline row of every results table and the first round's negatives.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _tokenizer():
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenization.Tokenizer(lower=True, stopwords="en", stemmer=Stemmer.Stemmer("english"))
+
+
+class BM25Retriever:
+    """`BM25Retriever.build(doc_texts)` then `.search(query_texts, k) -> (idx [M, k], scores [M, k])`.
+
+    Indices are positions in `doc_texts`; rows are best first; where fewer than k documents
+    match a query (or the corpus is smaller than k) the row ends in index -1, score -inf.
+    """
+
+    def __init__(self, model, tokenizer, num_docs: int):
+        self.model, self.tokenizer, self.num_docs = model, tokenizer, num_docs
+
+    @classmethod
+    def build(cls, doc_texts: Sequence[str], k1: float = 1.5, b: float = 0.75, progress: bool = True) -> "BM25Retriever":
+        """Indexes `doc_texts` (for BEIR: title + ' ' + text)."""
+        import bm25s
+
+        if len(doc_texts) == 0:
+            raise ValueError("BM25Retriever.build: the corpus is empty")
+        tok = _tokenizer()
+        corpus_tokens = tok.tokenize(list(doc_texts), update_vocab=True, return_as="tuple", show_progress=progress)
+        model = bm25s.BM25(k1=k1, b=b, method="lucene")
+        model.index(corpus_tokens, show_progress=progress)
+        return cls(model, tok, len(doc_texts))
+
+    def search(self, query_texts: Sequence[str], k: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """query_texts [M] -> (idx [M, k] int64, scores [M, k] float32)."""
+        m = len(query_texts)
+        idx = np.full((m, k), -1, np.int64)
+        scores = np.full((m, k), -np.inf, np.float32)
+        if m == 0:
+            return idx, scores
+        # Query words outside the corpus vocabulary score nothing: drop them rather than grow the vocab.
+        q_tokens = self.tokenizer.tokenize(list(query_texts), update_vocab=False, return_as="string", show_progress=False)
+        keep = [i for i, t in enumerate(q_tokens) if t]
+        if not keep:
+            return idx, scores
+        k_eff = min(k, self.num_docs)
+        got, sc = self.model.retrieve([q_tokens[i] for i in keep], k=k_eff, show_progress=progress, n_threads=1)
+        got, sc = np.asarray(got, np.int64), np.asarray(sc, np.float32)
+        # A zero BM25 score means no query term occurs in the document: not retrieved.
+        got = np.where(sc > 0, got, -1)
+        sc = np.where(sc > 0, sc, -np.inf)
+        idx[keep, :k_eff], scores[keep, :k_eff] = got, sc
+        return idx, scores
+
+
+def to_run(
+    query_ids: Sequence[str], doc_ids: Sequence[str], idx: np.ndarray, scores: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """(idx [M, k], scores [M, k]) -> {qid: {docid: score}} for `metrics.evaluate` (skips -1 slots).
+
+    Serves every retriever (BM25, dense, reranked): indices are positions in `doc_ids`.
+    """
+    if len(query_ids) != len(idx):
+        raise ValueError(f"to_run: {len(query_ids)} query ids for {len(idx)} result rows")
+    run = {}
+    for qid, row_i, row_s in zip(query_ids, idx, scores):
+        run[qid] = {doc_ids[i]: float(s) for i, s in zip(row_i, row_s) if i >= 0}
+    return run

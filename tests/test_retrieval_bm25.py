@@ -1,0 +1,54 @@
+"""BM25: stemming and stopwords, -1 padding, run dicts; SciFact figure under the data marker."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from md2pr_jax.retrieval.bm25 import BM25Retriever, to_run
+
+DOCS = [
+    "Cats are running across the garden.",
+    "The stock market fell sharply today.",
+    "A dog runs after the cat.",
+    "Quantum computers use qubits.",
+]
+
+
+def test_search_stems_and_pads():
+    r = BM25Retriever.build(DOCS, progress=False)
+    idx, scores = r.search(["running cats", "the of and", "qubit", "zebra"], k=6, progress=False)
+    assert idx.shape == (4, 6) and scores.dtype == np.float32
+    assert set(idx[0, :2].tolist()) == {0, 2}  # 'running'~'runs', 'cats'~'cat' by stemming
+    assert (idx[1] == -1).all() and np.isneginf(scores[1]).all()  # stopwords only
+    assert idx[2, 0] == 3 and (idx[2, 1:] == -1).all()
+    assert (idx[3] == -1).all()  # unknown word
+    run = to_run(["a", "b", "c", "d"], ["d0", "d1", "d2", "d3"], idx, scores)
+    assert set(run["a"]) == {"d0", "d2"} and run["b"] == {} and list(run["c"]) == ["d3"]
+
+
+def test_empty_corpus_error():
+    with pytest.raises(ValueError, match="empty"):
+        BM25Retriever.build([])
+
+
+@pytest.mark.data
+def test_scifact_bm25_ndcg():
+    from md2pr_jax.retrieval.metrics import evaluate
+
+    root = os.environ.get("MD2PR_DATA_DIR")
+    if not root:
+        pytest.skip("MD2PR_DATA_DIR is not set")
+    d = os.path.join(root, "scifact")
+    docs = [json.loads(line) for line in open(os.path.join(d, "corpus.jsonl"))]
+    queries = {o["_id"]: o["text"] for o in map(json.loads, open(os.path.join(d, "queries.jsonl")))}
+    qrels = {}
+    for line in list(open(os.path.join(d, "qrels", "test.tsv")))[1:]:
+        q, c, s = line.rstrip("\n").split("\t")
+        qrels.setdefault(q, {})[c] = int(s)
+    r = BM25Retriever.build([(x["title"] + " " + x["text"]).strip() for x in docs], progress=False)
+    qids = list(qrels)
+    idx, scores = r.search([queries[q] for q in qids], 100, progress=False)
+    m = evaluate(to_run(qids, [x["_id"] for x in docs], idx, scores), qrels, {"ndcg": (10,)})
+    assert m["ndcg@10"] == pytest.approx(0.686, abs=0.005)
