@@ -22,6 +22,7 @@ Array = jax.Array
 
 def pair_inputs(q_ids: Array, q_mask: Array, p_ids: Array, p_mask: Array):
     """Builds the teacher input from student-layout ids: (ids, mask, type_ids, pos_ids), each [B, Lq+Lp]."""
+    q_ids, q_mask, p_ids, p_mask = (jnp.asarray(x) for x in (q_ids, q_mask, p_ids, p_mask))
     p_mask = p_mask.at[:, 0].set(0)  # the passage's [CLS] is not part of the pair
     ids = jnp.concatenate([q_ids, p_ids], axis=1)
     mask = jnp.concatenate([q_mask, p_mask], axis=1).astype(jnp.int32)

@@ -1,0 +1,177 @@
+"""Hugging Face weights in and out: parity with sentence-transformers, round trips, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, make_tiny_config
+
+from md2pr_jax import hf
+from md2pr_jax.config import MINILM_ID, load_config
+from md2pr_jax.models import CrossEncoder, DualEncoder, student_from_config, teacher_from_config
+
+QUERIES = ["Vitamin D deficiency raises the risk of fractures.", "Aspirin lowers mortality after a stroke."]
+PASSAGES = [
+    "We studied bone density in 400 adults with low serum vitamin D levels over five years.",
+    "A randomised trial of aspirin in patients after ischaemic stroke found fewer deaths.",
+    "Gene expression in yeast changes under heat shock.",
+]
+
+
+def _tokens(tok, texts, max_len):
+    enc = tok(texts, max_length=max_len, truncation=True, padding="max_length", return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def _jax_embed(cfg, params, tok, texts, max_len):
+    model = student_from_config(cfg)
+    ids, mask = _tokens(tok, texts, max_len)
+    emb, _ = model.apply({"params": params}, ids, mask, method=DualEncoder.encode_passage)
+    return np.asarray(emb)
+
+
+def _jax_scores(cfg, params, tok, pairs):
+    teacher = teacher_from_config(cfg)
+    q_ids, q_mask = _tokens(tok, [q for q, _ in pairs], cfg.data.max_query_len)
+    p_ids, p_mask = _tokens(tok, [p for _, p in pairs], cfg.data.max_passage_len)
+    scores, _ = teacher.apply({"params": params}, q_ids, q_mask, p_ids, p_mask)
+    return np.asarray(scores)
+
+
+@pytest.mark.data
+def test_minilm_import_matches_sentence_transformers(data_dir):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["data.max_passage_len=256"])
+    params = hf.init_student_params(cfg)
+    tok = hf.load_tokenizer(cfg)
+    with open(os.path.join(data_dir, "scifact", "corpus.jsonl")) as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(40), f)]
+    ours = _jax_embed(cfg, params, tok, texts, 256)
+    ref = SentenceTransformer(hf.resolve_pretrained(MINILM_ID), device="cpu").encode(texts, batch_size=16)
+    assert ours.shape == (40, 384)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_export_round_trip(tmp_path, which):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    if which == "tiny":
+        cfg = make_tiny_config()
+        cfg.data.max_query_len, cfg.data.max_passage_len = 16, 32
+    else:
+        cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"))
+    student = hf.init_student_params(cfg, jax.random.PRNGKey(3))
+    teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(4))
+    tok = hf.load_tokenizer(cfg)
+    s_dir = hf.export_student(student, cfg, str(tmp_path / "student"), tok)
+    t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
+
+    ours = _jax_embed(cfg, student, tok, PASSAGES, cfg.data.max_passage_len)
+    st = SentenceTransformer(s_dir, device="cpu")
+    assert np.abs(st.encode(PASSAGES) - ours).max() <= 1e-5
+
+    ids, mask = _tokens(tok, PASSAGES, cfg.data.max_passage_len)
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(s_dir)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    m = mask[..., None].astype(np.float32)
+    pooled = (hidden.numpy() * m).sum(1) / m.sum(1)
+    pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+    assert np.abs(pooled - ours).max() <= 1e-5
+
+    pairs = [(q, p) for q in QUERIES for p in PASSAGES]
+    ours_scores = _jax_scores(cfg, teacher, tok, pairs)
+    ce = STCrossEncoder(t_dir, device="cpu", activation_fn=torch.nn.Identity())
+    theirs = ce.predict(pairs, convert_to_numpy=True)
+    assert np.abs(theirs - ours_scores).max() <= 1e-4
+    assert np.std(ours_scores) > 0  # the scores differ across pairs: the test can fail
+
+
+def test_import_round_trip_preserves_every_tensor(tmp_path):
+    cfg = make_tiny_config()
+    teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(0))
+    hf.export_teacher(teacher, cfg, str(tmp_path / "t"))
+    cfg.teacher.init = str(tmp_path / "t")
+    again = hf.init_teacher_params(cfg, jax.random.PRNGKey(99))
+    for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layer_count_mismatch_is_named(tmp_path):
+    cfg = make_tiny_config()
+    hf.export_student(hf.init_student_params(cfg), cfg, str(tmp_path / "s"))
+    small = make_tiny_config()
+    small.student.bert.num_layers = 1
+    small.student.init = str(tmp_path / "s")
+    with pytest.raises(hf.WeightsError, match="num_hidden_layers=2 but config.student.bert.num_layers=1"):
+        hf.init_student_params(small)
+
+
+def test_tensor_shape_mismatch_is_named(tmp_path):
+    cfg = make_tiny_config()
+    hf.export_student(hf.init_student_params(cfg), cfg, str(tmp_path / "s"))
+    with open(tmp_path / "s" / "config.json") as f:
+        meta = json.load(f)
+    meta.pop("intermediate_size")  # the tensors still say 64; the config below says 128
+    with open(tmp_path / "s" / "config.json", "w") as f:
+        json.dump(meta, f)
+    other = make_tiny_config()
+    other.student.bert.intermediate_size = 128
+    other.student.init = str(tmp_path / "s")
+    with pytest.raises(hf.WeightsError, match=r"intermediate_dense.*has shape \(64,\).*expects \(128,\)"):
+        hf.init_student_params(other)
+
+
+def test_missing_and_corrupt_weights(tmp_path):
+    cfg = make_tiny_config()
+    folder = tmp_path / "s"
+    hf.export_student(hf.init_student_params(cfg), cfg, str(folder))
+    cfg.student.init = str(folder)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(hf.WeightsError, match="model.safetensors is not a readable safetensors file"):
+        hf.init_student_params(cfg)
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(hf.WeightsError, match="model.safetensors does not exist"):
+        hf.init_student_params(cfg)
+
+
+def test_unknown_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hf.WeightsError, match="cannot resolve pretrained model 'no-such-org/no-such-model'"):
+        hf.resolve_pretrained("no-such-org/no-such-model")
+
+
+def test_failed_export_leaves_no_folder(tmp_path):
+    cfg = make_tiny_config()
+    params = hf.init_student_params(cfg)
+    del params["encoder"]["layer_1"]["output_LayerNorm"]  # export fails half way through
+    with pytest.raises(KeyError):
+        hf.export_student(params, cfg, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_mode_cli_writes_loadable_student(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    work = tmp_path / "w"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run(
+        [sys.executable, "-m", "md2pr_jax.main", "--config", os.path.join(ROOT, "configs/scifact_minilm.py"),
+         "--workdir", str(work), "--mode", "export_hf"],
+        check=True, cwd=ROOT, env=env, capture_output=True,
+    )
+    ours = SentenceTransformer(str(work / "hf" / "student"), device="cpu").encode(PASSAGES)
+    ref = SentenceTransformer(hf.resolve_pretrained(MINILM_ID), device="cpu").encode(PASSAGES)
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert os.path.exists(work / "hf" / "teacher" / "model.safetensors")
+    shutil.rmtree(work)
