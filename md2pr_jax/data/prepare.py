@@ -249,7 +249,7 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     key_fields = {
         "version": PREPARED_VERSION,
         "build": _build_stamp(build.data_dir),
-        "tokenizer": hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_query_len": int(d.max_query_len),
         "max_passage_len": int(d.max_passage_len),
         "dev_fraction": float(d.dev_fraction),
@@ -269,6 +269,15 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         ds.from_cache = True
     logging.info("prepared %s: %s", ds.name, json.dumps(ds.summary()))
     return ds
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what tokenization depends on (vocabulary, normaliser, pre/post-processing),
+    leaving out the truncation/padding state that each call changes."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _build_stamp(data_dir: str) -> str:
