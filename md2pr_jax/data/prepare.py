@@ -361,21 +361,53 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
 
 
 def _tokenize(tokenizer, texts: list[str], max_len: int, what: str) -> list[list[int]]:
+    """Token ids ([CLS] ... [SEP], truncated to max_len) of every text, in chunks.
+
+    For BERT WordPiece tokenizers, each whitespace-separated word gives at least one token and
+    tokens never cross whitespace, so a text is first cut to its first max_len words: the
+    result is the same, and long documents tokenize several times faster. A cut text that
+    gives fewer than max_len tokens (words that vanish in normalisation) is redone in full.
+    """
     from tqdm import tqdm
 
+    cut = _is_wordpiece(tokenizer)
     out: list[list[int]] = []
     chunks = range(0, len(texts), _TOKENIZE_CHUNK)
     for start in tqdm(chunks, desc=f"tokenizing {what}", unit="chunk", disable=len(chunks) < 4):
-        enc = tokenizer(
-            texts[start : start + _TOKENIZE_CHUNK],
-            add_special_tokens=True,
-            truncation=True,
-            max_length=max_len,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        out += enc["input_ids"]
+        chunk = texts[start : start + _TOKENIZE_CHUNK]
+        short, was_cut = chunk, []
+        if cut:
+            short = []
+            for text in chunk:
+                words = text.split(None, max_len)
+                was_cut.append(len(words) > max_len)
+                short.append(" ".join(words[:max_len]) if was_cut[-1] else text)
+        ids = _encode(tokenizer, short, max_len)
+        redo = [i for i, c in enumerate(was_cut) if c and len(ids[i]) < max_len]
+        if redo:
+            for i, seq in zip(redo, _encode(tokenizer, [chunk[i] for i in redo], max_len)):
+                ids[i] = seq
+        out += ids
     return out
+
+
+def _encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    enc = tokenizer(
+        texts,
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_len,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return enc["input_ids"]
+
+
+def _is_wordpiece(tokenizer) -> bool:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    return (spec.get("model") or {}).get("type") == "WordPiece" and (spec.get("pre_tokenizer") or {}).get(
+        "type"
+    ) == "BertPreTokenizer"
 
 
 def _select_queries(splits: dict[str, list[dict]], d, rng: np.random.Generator) -> dict[str, list[dict]]:
