@@ -127,6 +127,10 @@ def base_config() -> ConfigDict:
     c.teacher_train.epochs = 2
     c.teacher_train.max_steps = 0
     c.teacher_train.warmup_steps = 50
+    c.teacher_train.weight_decay = 0.01
+    c.teacher_train.grad_clip = 1.0
+    c.teacher_train.negative_pool = 30  # negatives sampled from BM25 and zero-shot dense top-N
+    c.teacher_train.score_batch_size = 64  # pairs per jitted scoring call
     c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
     c.teacher_train.rerank_depth = 100
 

@@ -60,8 +60,18 @@ def resolve_mode(mode: str):
     return getattr(importlib.import_module(module), fn)
 
 
+class _QuietLibraries:
+    """Drops the INFO chatter of orbax (several lines per save) from the absl log."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
     del argv
+    import logging as py_logging
+
+    py_logging.getLogger("absl").addFilter(_QuietLibraries())
     from md2pr_jax.config import validate
 
     if _CONFIG.value is None or _WORKDIR.value is None:

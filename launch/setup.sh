@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs md2pr_jax with the given extras (default: test,tpu).
+# Idempotent: a second run only checks that the install is complete.
+#   bash launch/setup.sh            # tests + AOT compile checks
+#   bash launch/setup.sh test       # tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test,tpu}"
+python="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+stamp=".venv/.md2pr_installed_${extras//,/_}"
+if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # torch is pinned in setup.py to the CPU build on this machine's disk (no CUDA download).
+  .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+  touch "$stamp"
+fi
