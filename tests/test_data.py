@@ -232,6 +232,36 @@ def test_nq_bad_records(tmp_path, tokenizer):
     assert ds.qrels["train"]["train-2"] == {"1": 1}
 
 
+def test_json_array_stream(tmp_path):
+    from md2pr_jax.data.records import BadRecords, iter_json_array
+
+    items = [{"question": f"q{i}\u00e9", "n": i} for i in range(6)]
+    path = str(tmp_path / "a.json")
+    _write(path, json.dumps(items, indent=2))
+    got = list(iter_json_array(path, BadRecords("error"), chunk_bytes=7))  # elements span chunks
+    assert [obj for _, obj in got] == items and got[1][0] == 6  # each element's first line
+    raw = json.dumps(items, indent=2).encode().replace(b'"q2', b'"\xff2', 1)
+    _write(path, raw)
+    bad = BadRecords("skip")
+    assert [obj["n"] for _, obj in iter_json_array(path, bad, chunk_bytes=5)] == [0, 1, 3, 4, 5]
+    assert bad.counts == {"bad_utf8": 1} and "a.json:10:" in bad.examples["bad_utf8"][0]
+    _write(path, json.dumps(items, indent=2).replace('"n": 3', '"n": 3,,'))
+    with pytest.raises(BadRecordError, match=r"a.json:\d+: malformed json"):
+        list(iter_json_array(path, BadRecords("error")))
+
+
+def test_prepare_mode(tmp_path, capsys, monkeypatch):
+    from md2pr_jax.data import prepare_mode
+    from md2pr_jax.main import resolve_mode
+
+    assert resolve_mode("prepare") is prepare_mode
+    write_beir(tmp_path / "src")
+    prepare_mode(_config(tmp_path / "src", "toy"), str(tmp_path / "wd"))
+    printed = capsys.readouterr().out  # TFDS prints its own progress lines first
+    out = json.loads(printed[printed.rindex("\n{\n") + 1 :] if not printed.startswith("{") else printed)
+    assert out["docs"] == 8 and out["splits"]["train"] == {"queries": 4, "judgements": 5}
+
+
 # ----------------------------------------------------------------------------------------
 # SciFact (real data)
 

@@ -177,6 +177,19 @@ def _check_judgement(
     return True
 
 
+def _judged_queries(rows, texts: dict[str, str], doc_ids: set[str], bad: BadRecords, path: str) -> list[Query]:
+    """Queries (in order of first judgement) from rows (line, qid, doc id, score text) of a qrels file."""
+    known = {qid: Query(qid, text) for qid, text in texts.items()}
+    queries: dict[str, Query] = {}
+    for line, qid, doc_id, score in rows:
+        score = records.parse_int(score, bad, path, line, "score")
+        if score is None or not _check_judgement(bad, path, line, qid, doc_id, known, doc_ids):
+            continue
+        known[qid].qrels[doc_id] = score
+        queries.setdefault(qid, known[qid])
+    return list(queries.values())
+
+
 def _nonempty(bad: BadRecords, path: str, line: int, text: str, what: str) -> bool:
     if not text.strip():
         bad.report("empty_text", path, line, f"{what} has no text")
@@ -212,15 +225,8 @@ class Beir(_RetrievalBuilder):
             path = os.path.join(src, "qrels", f"{split}.tsv")
             if not os.path.exists(path):
                 continue
-            queries: dict[str, Query] = {}
-            known = {qid: Query(qid, text) for qid, text in all_queries.items()}
-            for line, (qid, doc_id, score) in records.read_tsv(path, bad, 3, header_prefix="query-id"):
-                score = records.parse_int(score, bad, path, line, "score")
-                if score is None or not _check_judgement(bad, path, line, qid, doc_id, known, doc_ids):
-                    continue
-                known[qid].qrels[doc_id] = score
-                queries.setdefault(qid, known[qid])
-            splits[split] = list(queries.values())
+            rows = ((line, *cols) for line, cols in records.read_tsv(path, bad, 3, header_prefix="query-id"))
+            splits[split] = _judged_queries(rows, all_queries, doc_ids, bad, path)
         return splits
 
 
@@ -245,6 +251,16 @@ class MsmarcoPassage(_RetrievalBuilder):
                 return os.path.join(src, name)
         return None
 
+    @staticmethod
+    def _trec_qrels(path: str, bad: BadRecords) -> Iterator[tuple[int, str, str, str]]:
+        """(line, qid, pid, relevance) of a TREC qrels file: 'qid 0 pid relevance'."""
+        for line, text in records.read_lines(path, bad):
+            cols = text.split()
+            if len(cols) != 4:
+                bad.report("malformed_row", path, line, f"{len(cols)} column(s), expected 4 (qid 0 pid rel)")
+                continue
+            yield line, cols[0], cols[2], cols[3]
+
     def _queries(self, src, bad, doc_ids):
         texts: dict[str, dict[str, str]] = {}
         seen: set[str] = set()
@@ -259,20 +275,7 @@ class MsmarcoPassage(_RetrievalBuilder):
             path = self._file(src, f"qrels.{split}")
             if path is None:
                 continue
-            known = {qid: Query(qid, text) for qid, text in texts[split].items()}
-            queries: dict[str, Query] = {}
-            for line, text in records.read_lines(path, bad):
-                cols = text.split()  # TREC qrels: qid 0 pid relevance
-                if len(cols) != 4:
-                    bad.report("malformed_row", path, line, f"{len(cols)} column(s), expected 4 (qid 0 pid rel)")
-                    continue
-                qid, _, pid, rel = cols
-                rel = records.parse_int(rel, bad, path, line, "relevance")
-                if rel is None or not _check_judgement(bad, path, line, qid, pid, known, doc_ids):
-                    continue
-                known[qid].qrels[pid] = rel
-                queries.setdefault(qid, known[qid])
-            splits[split] = list(queries.values())
+            splits[split] = _judged_queries(self._trec_qrels(path, bad), texts[split], doc_ids, bad, path)
         triples = os.path.join(src, self.TRIPLES)
         if os.path.exists(triples) and "train" in splits:
             train = {q.id: q for q in splits["train"]}
