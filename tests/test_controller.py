@@ -1,0 +1,88 @@
+"""The round controller: the threshold rule, the planted check, and the whole debug pipeline
+with a SIGKILL in the middle of a student round."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from md2pr_jax.config import base_config
+from md2pr_jax.controller import planted_check, update_threshold
+
+
+def test_threshold_rule_moves_towards_the_positive_quantile():
+    fc = base_config().filter
+    fc.momentum, fc.quantile, fc.tau_min, fc.tau_max = 0.5, 0.1, 0.5, 0.99
+    probs = np.linspace(0.0, 1.0, 101)  # 10% quantile = 0.1
+    tau, tau_hat = update_threshold(fc, 0.9, probs)
+    assert tau_hat == pytest.approx(0.1)
+    assert tau == pytest.approx(0.5)  # 0.5*0.9 + 0.5*0.1 = 0.5, inside the clip
+    tau, _ = update_threshold(fc, 0.9, np.full(10, 0.05))
+    assert tau == pytest.approx(0.5)  # 0.475 clipped to tau_min
+    tau, _ = update_threshold(fc, 0.98, np.full(10, 1.0))
+    assert tau == pytest.approx(0.99)  # clipped to tau_max
+    fc.dynamic = False
+    assert update_threshold(fc, 0.6, probs)[0] == pytest.approx(fc.tau0)
+
+
+def test_planted_check_counts():
+    cand = np.array([[5, 6, 7], [8, 9, 10]])
+    flagged = np.array([[True, False, True], [False, False, True]])
+    hidden = {0: {5, 6}, 1: {11}}
+    out = planted_check(flagged, cand, np.array([0, 1]), hidden)
+    assert out["hidden_in_candidates"] == 2  # 5 and 6; 11 was not mined
+    assert out["flagged_hidden"] == 1  # 5
+    assert out["recall"] == pytest.approx(0.5)
+    assert out["precision"] == pytest.approx(1 / 3)
+
+
+def _pipeline(workdir, extra=()):
+    cmd = [sys.executable, "-m", "md2pr_jax.main", "--config", os.path.join(ROOT, "configs/debug.py"),
+           "--workdir", str(workdir), "--mode", "pipeline", "--config.filter.plant_fraction=0.2", *extra]
+    return cmd
+
+
+@pytest.mark.data
+def test_debug_pipeline_survives_sigkill_mid_round(tmp_path):
+    work = tmp_path / "w"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_pipeline(work), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    ckpt_dir = work / "rounds" / "r01" / "train" / "ckpt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline ended before its first student checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "rounds" / "r01" / "train" / "DONE").exists()
+    mined_at = (work / "rounds" / "r01" / "mine" / "DONE").read_text()
+
+    out = subprocess.run(_pipeline(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming training at step" in out.stderr
+    assert (work / "rounds" / "r01" / "mine" / "DONE").read_text() == mined_at  # not redone
+
+    results = json.loads((work / "results.json").read_text())
+    for row in ("bm25", "zero_shot", "teacher_rerank", "md2pr"):
+        assert set(results[row]) >= {"ndcg@10", "mrr@10", "recall@100"}
+        assert 0.0 <= results[row]["ndcg@10"] <= 1.0
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for r in results["rounds"]:
+        assert 0.5 <= r["tau"] <= 0.99
+        assert set(r["planted"]) >= {"recall", "precision", "hidden_in_candidates"}
+    history = [json.loads(line) for line in open(work / "rounds" / "r01" / "train" / "history.jsonl")]
+    steps = sorted({h["step"] for h in history})
+    assert steps == list(range(1, steps[-1] + 1))  # every step logged once resumed
+    report = (work / "REPORT.md").read_text()
+    assert "Planted check" in report and "| BM25 (`bm25`)" in report
+    for png in ("losses.png", "threshold.png", "metrics.png"):
+        assert (work / png).stat().st_size > 1000
