@@ -51,9 +51,9 @@ def main() -> None:
     tokenizer = load_tokenizer(config)
     tokenizer_load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as workdir:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         ds = prepare_dataset(config, workdir, tokenizer=tokenizer)
-        prepare_s = time.perf_counter() - t
+        prepare_s, prepare_cpu_s = time.perf_counter() - t, time.process_time() - cpu
         with open(os.path.join(ds.path, "meta.json")) as f:
             parts = json.load(f)["seconds"]
         t = time.perf_counter()
@@ -90,6 +90,7 @@ def main() -> None:
             "docs": ds.num_docs,
             "queries": ds.num_queries,
             "seconds_total": round(prepare_s, 2),
+            "cpu_seconds_total": round(prepare_cpu_s, 2),  # all threads; wall time minus waiting for a core
             "seconds_tfds_build_and_read": round(prepare_s - parts["tokenize"], 2),
             "seconds_tokenize": round(parts["tokenize"], 2),
             "seconds_tokenizer_load": round(tokenizer_load_s, 2),

@@ -32,7 +32,7 @@ from absl import logging
 
 from md2pr_jax.data import builders
 
-PREPARED_VERSION = 1  # bump when the prepared layout or its content rules change
+PREPARED_VERSION = 2  # bump when the prepared layout or its content rules change
 _TOKENIZE_CHUNK = 2048
 
 
