@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# TPU pod jobs through gcloud: create the TPU VM (or a queued resource), install the project
+# on every worker, run md2pr_jax.main on all workers at once, stream or tail the logs, delete.
+#
+#   bash launch/tpu_pod.sh [FLAGS] COMMAND...        COMMAND: create setup run logs delete all
+#                                                    (all = create setup run; several may be given)
+# Flags:
+#   --project P          GCP project (default: gcloud's configured one)
+#   --zone Z             zone (required), e.g. us-central2-b, us-west4-a
+#   --name N             TPU VM / queued resource name (required)
+#   --accelerator A      accelerator type, e.g. v5litepod-16, v4-32 (default v4-8)
+#   --runtime-version R  TPU VM image (default tpu-ubuntu2204-base)
+#   --spot               spot capacity (cheap, preemptible)
+#   --queued             create through `queued-resources create` and wait until ACTIVE
+#   --config F           experiment config (default configs/debug.py)
+#   --workdir D          workdir on the workers; every worker must see the same one: a gs://
+#                        bucket path or a shared mount (default gs://BUCKET/... is not guessed)
+#   --mode M             md2pr_jax.main --mode (default pipeline)
+#   --extra "ARGS"       more md2pr_jax.main arguments, e.g. "--config.rounds.num_rounds=1"
+#   --env K=V            environment variable for the job on every worker (repeatable),
+#                        e.g. --env MD2PR_DATA_DIR=gs://bucket/data
+#   --extras E           pip extras installed by setup (default test,tpu)
+#   --dry-run            print every command it would run (one per line), run none
+#
+# Examples:
+#   bash launch/tpu_pod.sh --zone us-central2-b --name md2pr --accelerator v4-32 --spot \
+#        --config configs/scifact_minilm.py --workdir gs://my-bucket/md2pr/scifact all
+#   bash launch/tpu_pod.sh --zone us-central2-b --name md2pr ... run      # after preemption: resumes
+#   bash launch/tpu_pod.sh --zone us-central2-b --name md2pr logs
+#   bash launch/tpu_pod.sh --zone us-central2-b --name md2pr delete
+#
+# Preemption: `run` never wipes the workdir. Started again with the same flags (after
+# `create setup` if the spot VM was reclaimed), the job skips finished stages and resumes
+# training from the latest checkpoint. `create` first describes the VM: a READY one is kept,
+# a PREEMPTED/TERMINATED one is deleted and created again.
+#
+# The job's output is streamed from every worker and also kept in ~/md2pr_jax/logs/run.log
+# on each worker (`logs` tails worker 0's). GCLOUD overrides the gcloud binary.
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+gcloud_bin="${GCLOUD:-gcloud}"
+project=""
+zone=""
+name=""
+accelerator="v4-8"
+runtime="tpu-ubuntu2204-base"
+spot=0
+queued=0
+config="configs/debug.py"
+workdir=""
+mode="pipeline"
+extra=""
+extras="test,tpu"
+dry_run=0
+envs=()
+commands=()
+archive="/tmp/md2pr_jax.tar.gz"
+
+die() {
+  echo "tpu_pod.sh: $*" >&2
+  exit 2
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --project) project="${2:?--project needs a value}"; shift 2 ;;
+    --zone) zone="${2:?--zone needs a value}"; shift 2 ;;
+    --name) name="${2:?--name needs a value}"; shift 2 ;;
+    --accelerator) accelerator="${2:?--accelerator needs a value}"; shift 2 ;;
+    --runtime-version) runtime="${2:?--runtime-version needs a value}"; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --queued) queued=1; shift ;;
+    --config) config="${2:?--config needs a value}"; shift 2 ;;
+    --workdir) workdir="${2:?--workdir needs a value}"; shift 2 ;;
+    --mode) mode="${2:?--mode needs a value}"; shift 2 ;;
+    --extra) extra="${2?--extra needs a value}"; shift 2 ;;
+    --env) [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"; envs+=("$2"); shift 2 ;;
+    --extras) extras="${2:?--extras needs a value}"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h | --help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    create | setup | run | logs | delete) commands+=("$1"); shift ;;
+    all) commands+=(create setup run); shift ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+[[ ${#commands[@]} -gt 0 ]] || die "no command given: create, setup, run, logs, delete or all (see --help)"
+[[ -n "$zone" ]] || die "--zone is required"
+[[ -n "$name" ]] || die "--name is required"
+
+common=(--zone "$zone")
+if [[ -n "$project" ]]; then common+=(--project "$project"); fi
+
+# Prints the command (shell-quoted, one line); runs it unless --dry-run.
+run_cmd() {
+  local quoted
+  quoted="$(printf '%q ' "$@")"
+  echo "+ ${quoted% }"
+  if ((dry_run == 0)); then
+    "$@"
+  fi
+}
+
+ssh_all() { # ssh_all WORKER COMMAND
+  run_cmd "$gcloud_bin" compute tpus tpu-vm ssh "$name" "${common[@]}" --worker="$1" --command "$2"
+}
+
+do_create() {
+  local state=""
+  if ((dry_run == 0)); then
+    state="$("$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)' 2>/dev/null || true)"
+  else
+    echo "+ $(printf '%q ' "$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)')"
+  fi
+  case "$state" in
+    READY | CREATING | STARTING | RESTARTING)
+      echo "tpu_pod.sh: $name exists ($state); keeping it"
+      return 0 ;;
+    PREEMPTED | TERMINATED | STOPPED)
+      echo "tpu_pod.sh: $name is $state; deleting and creating it again"
+      do_delete ;;
+  esac
+  if ((queued)); then
+    local args=(compute tpus queued-resources create "$name" "${common[@]}" --node-id "$name"
+      --accelerator-type "$accelerator" --runtime-version "$runtime")
+    if ((spot)); then args+=(--spot); fi
+    run_cmd "$gcloud_bin" "${args[@]}"
+    local poll=("$gcloud_bin" compute tpus queued-resources describe "$name" "${common[@]}" --format='value(state.state)')
+    if ((dry_run)); then
+      echo "+ $(printf '%q ' "${poll[@]}")"
+    else
+      local s
+      while true; do
+        s="$("${poll[@]}")"
+        echo "tpu_pod.sh: queued resource $name: $s"
+        case "$s" in
+          ACTIVE) break ;;
+          FAILED | SUSPENDED) die "queued resource $name is $s" ;;
+        esac
+        sleep "${POLL_SECONDS:-30}"
+      done
+    fi
+  else
+    local args=(compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$accelerator" --version "$runtime")
+    if ((spot)); then args+=(--spot); fi
+    run_cmd "$gcloud_bin" "${args[@]}"
+  fi
+}
+
+do_setup() {
+  # The committed tree (HEAD) goes to every worker; commit before running setup.
+  run_cmd git -C "$repo" archive --format=tar.gz -o "$archive" HEAD
+  run_cmd "$gcloud_bin" compute tpus tpu-vm scp "$archive" "$name:~/md2pr_jax.tar.gz" "${common[@]}" --worker=all
+  ssh_all all "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh $extras"
+}
+
+job_command() {
+  [[ -n "$workdir" ]] || die "--workdir is required for run (a gs:// path or a mount every worker shares)"
+  local py=(.venv/bin/python -m md2pr_jax.main --config "$config" --workdir "$workdir" --mode "$mode")
+  local cmd env_part=""
+  local e
+  for e in "${envs[@]}"; do
+    env_part+="$(printf '%q' "$e") "
+  done
+  cmd="$(printf '%q ' "${py[@]}")"
+  # --extra is passed through word by word (it holds flags, not file names).
+  cmd="${cmd% }${extra:+ $extra}"
+  echo "cd md2pr_jax && mkdir -p logs && set -o pipefail && ${env_part}${cmd} 2>&1 | tee -a logs/run.log"
+}
+
+do_run() {
+  local cmd
+  cmd="$(job_command)"
+  ssh_all all "$cmd"
+}
+
+do_logs() {
+  ssh_all 0 "tail -n 200 -F md2pr_jax/logs/run.log"
+}
+
+do_delete() {
+  if ((queued)); then
+    run_cmd "$gcloud_bin" compute tpus queued-resources delete "$name" "${common[@]}" --force --quiet
+  else
+    run_cmd "$gcloud_bin" compute tpus tpu-vm delete "$name" "${common[@]}" --quiet
+  fi
+}
+
+for c in "${commands[@]}"; do
+  "do_$c"
+done
