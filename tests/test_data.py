@@ -100,6 +100,19 @@ def test_tokenizer_fingerprint_ignores_call_state(tokenizer):
     assert tokenizer_fingerprint(tokenizer) == before
 
 
+def test_word_cut_tokenization_is_exact(tokenizer):
+    from md2pr_jax.data.prepare import _encode, _tokenize
+
+    texts = [
+        "word " * 40,
+        "\x00 \ufffd " * 30 + "real words at the end",  # words that vanish in normalisation
+        "Punctuation, (lots) of it; e.g. 3.5% of U.S.-based labs! " * 5,
+        "naïve café Ünïcödé " * 10,
+        "short",
+    ]
+    assert _tokenize(tokenizer, texts, 16, tokenizer.cls_token_id) == _encode(tokenizer, texts, 16)
+
+
 def test_subsets_and_dev_split(tmp_path, tokenizer):
     write_beir(tmp_path / "src", docs=40)
     config = _config(tmp_path / "src", "toy", **{"data.dev_fraction": 0.5, "data.max_docs": 12, "data.max_eval_queries": 1})

@@ -17,6 +17,7 @@ same arrays (the model does it), so token positions align with the student's by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ from absl import logging
 
 from md2pr_jax.data import builders
 
-PREPARED_VERSION = 2  # bump when the prepared layout or its content rules change
+PREPARED_VERSION = 3  # bump when the prepared layout or its content rules change
 _TOKENIZE_CHUNK = 2048
 
 
@@ -40,18 +41,54 @@ _TOKENIZE_CHUNK = 2048
 # Flat storage
 
 
+class FlatWriter:
+    """Appends variable-length rows to `<prefix>.bin` (raw `dtype`) as they come, so a corpus
+    larger than memory can be written; `close()` saves the row offsets to `<prefix>.offsets.npy`."""
+
+    def __init__(self, prefix: str, dtype):
+        self.prefix, self.dtype = prefix, np.dtype(dtype)
+        self._file = open(prefix + ".bin", "wb")
+        self._lengths: list[np.ndarray] = []
+
+    def add(self, rows: Sequence) -> None:
+        """rows: byte strings (uint8 tables) or integer sequences (token tables)."""
+        if self.dtype == np.uint8:
+            self._file.write(b"".join(rows))
+            lengths = [len(r) for r in rows]
+        else:
+            lengths = [len(r) for r in rows]
+            self._file.write(np.fromiter(itertools.chain.from_iterable(rows), self.dtype, count=sum(lengths)).tobytes())
+        self._lengths.append(np.asarray(lengths, np.int64))
+
+    def close(self) -> None:
+        self._file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(self.prefix + ".offsets.npy", offsets)
+
+
+def _load_flat(prefix: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.load(prefix + ".offsets.npy")
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)
+    return data, offsets
+
+
 class StringTable(Sequence[str]):
-    """A read-only list of strings stored as UTF-8 bytes + offsets (cheap to save and mmap)."""
+    """A read-only list of strings stored as UTF-8 bytes + offsets, memory-mapped."""
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray):
         self.data, self.offsets = data, offsets  # uint8 [total], int64 [n + 1]
 
+    @staticmethod
+    def write(prefix: str, strings: Iterable[str]) -> None:
+        writer = FlatWriter(prefix, np.uint8)
+        writer.add([s.encode("utf-8") for s in strings])
+        writer.close()
+
     @classmethod
-    def from_strings(cls, strings: Iterable[str]) -> "StringTable":
-        encoded = [s.encode("utf-8") for s in strings]
-        offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+    def load(cls, prefix: str) -> "StringTable":
+        return cls(*_load_flat(prefix, np.uint8))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -65,14 +102,6 @@ class StringTable(Sequence[str]):
             raise IndexError(i)
         return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
 
-    def save(self, prefix: str) -> None:
-        np.save(prefix + ".data.npy", self.data)
-        np.save(prefix + ".offsets.npy", self.offsets)
-
-    @classmethod
-    def load(cls, prefix: str) -> "StringTable":
-        return cls(np.load(prefix + ".data.npy", mmap_mode="r"), np.load(prefix + ".offsets.npy"))
-
 
 class TokenTable:
     """Token ids of n sequences, stored flat: ids int32 [total], offsets int64 [n + 1].
@@ -85,12 +114,8 @@ class TokenTable:
         self.ids, self.offsets, self.sep_id, self.pad_id = ids, offsets, sep_id, pad_id
 
     @classmethod
-    def from_lists(cls, seqs: Sequence[Sequence[int]], sep_id: int, pad_id: int) -> "TokenTable":
-        lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
-        offsets = np.zeros(len(seqs) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int32, count=int(offsets[-1]))
-        return cls(ids, offsets, sep_id, pad_id)
+    def load(cls, prefix: str, sep_id: int, pad_id: int) -> "TokenTable":
+        return cls(*_load_flat(prefix, np.int32), sep_id, pad_id)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -116,14 +141,6 @@ class TokenTable:
         if long.any():
             ids[long, max_len - 1] = self.sep_id
         return ids, mask.astype(np.int32)
-
-    def save(self, prefix: str) -> None:
-        np.save(prefix + ".ids.npy", self.ids)
-        np.save(prefix + ".offsets.npy", self.offsets)
-
-    @classmethod
-    def load(cls, prefix: str, sep_id: int, pad_id: int) -> "TokenTable":
-        return cls(np.load(prefix + ".ids.npy", mmap_mode="r"), np.load(prefix + ".offsets.npy"), sep_id, pad_id)
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,55 +304,67 @@ def _build_stamp(data_dir: str) -> str:
 
 
 def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fields: dict) -> None:
+    """Writes the prepared folder; the corpus streams through in chunks (never all in memory)."""
+    from tqdm import tqdm
+
     d = config.data
     t0 = time.time()
-    docs = list(builders.read_split(build, "corpus"))
     splits = {s: list(builders.read_split(build, s)) for s in build.splits if s != "corpus"}
-    t_read = time.time() - t0
     rng = np.random.default_rng(config.seed)
     splits = _select_queries(splits, d, rng)
-    docs = _select_docs(docs, splits, d.max_docs, rng)
-    kept = {doc["id"] for doc in docs}
+    keep = _select_docs(build, splits, d.max_docs, rng)  # None = every document
 
     query_ids, query_texts, qrels, split_queries, answers, negatives = [], [], {}, {}, {}, {}
-    seen = {}
+    seen = set()
     for split, queries in splits.items():
         split_queries[split], qrels[split] = [], {}
         for q in queries:
             if q["id"] not in seen:
-                seen[q["id"]] = len(query_ids)
+                seen.add(q["id"])
                 query_ids.append(q["id"])
                 query_texts.append(q["text"])
             split_queries[split].append(q["id"])
-            judged = {doc: int(s) for doc, s in zip(q["doc_ids"], q["scores"]) if doc in kept}
+            judged = {doc: int(s) for doc, s in zip(q["doc_ids"], q["scores"]) if keep is None or doc in keep}
             if judged:
                 qrels[split][q["id"]] = judged
             if q["answers"]:
                 answers[q["id"]] = q["answers"]
-            negs = [n for n in q["neg_ids"] if n in kept]
+            negs = [n for n in q["neg_ids"] if keep is None or n in keep]
             if negs:
                 negatives[q["id"]] = negs
-    doc_ids = [doc["id"] for doc in docs]
-    doc_texts = [(doc["title"] + " " + doc["text"]).strip() for doc in docs]
-
-    t1 = time.time()
-    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    q_tok = TokenTable.from_lists(_tokenize(tokenizer, query_texts, d.max_query_len, "queries"), sep_id, pad_id)
-    p_tok = TokenTable.from_lists(_tokenize(tokenizer, doc_texts, d.max_passage_len, "documents"), sep_id, pad_id)
-    for table, what in ((q_tok, "query"), (p_tok, "document")):
-        starts = table.ids[table.offsets[:-1]]
-        if len(table) and not (starts == cls_id).all():
-            raise ValueError(f"the tokenizer does not start each {what} with [CLS] (id {cls_id}); use a BERT-style tokenizer")
-    t_tok = time.time() - t1
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(path))
-    StringTable.from_strings(doc_ids).save(os.path.join(tmp, "doc_ids"))
-    StringTable.from_strings(doc_texts).save(os.path.join(tmp, "doc_texts"))
-    StringTable.from_strings(query_ids).save(os.path.join(tmp, "query_ids"))
-    StringTable.from_strings(query_texts).save(os.path.join(tmp, "query_texts"))
-    q_tok.save(os.path.join(tmp, "query_tokens"))
-    p_tok.save(os.path.join(tmp, "doc_tokens"))
+    specials = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    t_tok = time.time()
+    StringTable.write(os.path.join(tmp, "query_ids"), query_ids)
+    StringTable.write(os.path.join(tmp, "query_texts"), query_texts)
+    q_tok = FlatWriter(os.path.join(tmp, "query_tokens"), np.int32)
+    for start in range(0, len(query_texts), _TOKENIZE_CHUNK):
+        q_tok.add(_tokenize(tokenizer, query_texts[start : start + _TOKENIZE_CHUNK], d.max_query_len, specials[0]))
+    q_tok.close()
+    t_tok = time.time() - t_tok
+
+    doc_ids, doc_texts, doc_tok = (
+        FlatWriter(os.path.join(tmp, "doc_ids"), np.uint8),
+        FlatWriter(os.path.join(tmp, "doc_texts"), np.uint8),
+        FlatWriter(os.path.join(tmp, "doc_tokens"), np.int32),
+    )
+    corpus = builders.read_split(build, "corpus", chunk=_TOKENIZE_CHUNK)
+    total = len(build.source("corpus"))
+    with tqdm(total=total, desc="preparing documents", unit="doc", disable=total < 4 * _TOKENIZE_CHUNK) as bar:
+        for chunk in iter(lambda: list(itertools.islice(corpus, _TOKENIZE_CHUNK)), []):
+            bar.update(len(chunk))
+            chunk = [doc for doc in chunk if keep is None or doc["id"] in keep]
+            texts = [(doc["title"] + " " + doc["text"]).strip() for doc in chunk]
+            doc_ids.add([doc["id"].encode("utf-8") for doc in chunk])
+            doc_texts.add([t.encode("utf-8") for t in texts])
+            t = time.time()
+            doc_tok.add(_tokenize(tokenizer, texts, d.max_passage_len, specials[0]))
+            t_tok += time.time() - t
+    for writer in (doc_ids, doc_texts, doc_tok):
+        writer.close()
+
     with open(os.path.join(tmp, "judgements.json"), "w") as f:
         json.dump({"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}, f)
     with open(os.path.join(tmp, "bad_records.json"), "w") as f:
@@ -344,12 +373,12 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
         "name": f"{d.builder}/{d.dataset}",
         "key": key_fields,
         "tfds_dir": build.data_dir,
-        "cls_id": cls_id,
-        "sep_id": sep_id,
-        "pad_id": pad_id,
+        "cls_id": specials[0],
+        "sep_id": specials[1],
+        "pad_id": specials[2],
         "max_query_len": int(d.max_query_len),
         "max_passage_len": int(d.max_passage_len),
-        "seconds": {"read": t_read, "tokenize": t_tok},
+        "seconds": {"read_and_write": time.time() - t0 - t_tok, "tokenize": t_tok},
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -357,10 +386,10 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
         os.replace(tmp, path)
     except OSError:  # another process finished the same preparation first
         shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("prepared %s in %.1fs (read %.1fs, tokenize %.1fs)", path, time.time() - t0, t_read, t_tok)
+    logging.info("prepared %s in %.1fs (tokenize %.1fs)", path, time.time() - t0, t_tok)
 
 
-def _tokenize(tokenizer, texts: list[str], max_len: int, what: str) -> list[list[int]]:
+def _tokenize(tokenizer, texts: list[str], max_len: int, cls_id: int) -> list[list[int]]:
     """Token ids ([CLS] ... [SEP], truncated to max_len) of every text, in chunks.
 
     For BERT WordPiece tokenizers, each whitespace-separated word gives at least one token and
@@ -368,27 +397,23 @@ def _tokenize(tokenizer, texts: list[str], max_len: int, what: str) -> list[list
     result is the same, and long documents tokenize several times faster. A cut text that
     gives fewer than max_len tokens (words that vanish in normalisation) is redone in full.
     """
-    from tqdm import tqdm
-
-    cut = _is_wordpiece(tokenizer)
-    out: list[list[int]] = []
-    chunks = range(0, len(texts), _TOKENIZE_CHUNK)
-    for start in tqdm(chunks, desc=f"tokenizing {what}", unit="chunk", disable=len(chunks) < 4):
-        chunk = texts[start : start + _TOKENIZE_CHUNK]
-        short, was_cut = chunk, []
-        if cut:
-            short = []
-            for text in chunk:
-                words = text.split(None, max_len)
-                was_cut.append(len(words) > max_len)
-                short.append(" ".join(words[:max_len]) if was_cut[-1] else text)
-        ids = _encode(tokenizer, short, max_len)
-        redo = [i for i, c in enumerate(was_cut) if c and len(ids[i]) < max_len]
-        if redo:
-            for i, seq in zip(redo, _encode(tokenizer, [chunk[i] for i in redo], max_len)):
-                ids[i] = seq
-        out += ids
-    return out
+    if not texts:
+        return []
+    short, was_cut = texts, []
+    if _is_wordpiece(tokenizer):
+        short = []
+        for text in texts:
+            words = text.split(None, max_len)
+            was_cut.append(len(words) > max_len)
+            short.append(" ".join(words[:max_len]) if was_cut[-1] else text)
+    ids = _encode(tokenizer, short, max_len)
+    redo = [i for i, c in enumerate(was_cut) if c and len(ids[i]) < max_len]
+    if redo:
+        for i, seq in zip(redo, _encode(tokenizer, [texts[i] for i in redo], max_len)):
+            ids[i] = seq
+    if any(not seq or seq[0] != cls_id for seq in ids):
+        raise ValueError(f"the tokenizer does not start each sequence with [CLS] (id {cls_id}); use a BERT-style tokenizer")
+    return ids
 
 
 def _encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
@@ -403,6 +428,7 @@ def _encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     return enc["input_ids"]
 
 
+@functools.lru_cache(maxsize=8)
 def _is_wordpiece(tokenizer) -> bool:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     return (spec.get("model") or {}).get("type") == "WordPiece" and (spec.get("pre_tokenizer") or {}).get(
@@ -438,18 +464,18 @@ def _select_queries(splits: dict[str, list[dict]], d, rng: np.random.Generator) 
     return splits
 
 
-def _select_docs(docs: list[dict], splits: dict[str, list[dict]], max_docs: int, rng) -> list[dict]:
-    """All docs, or (max_docs > 0) every judged doc of the kept queries plus seeded random others."""
-    if not max_docs or len(docs) <= max_docs:
-        return docs
+def _select_docs(build: builders.BuildResult, splits: dict[str, list[dict]], max_docs: int, rng) -> set[str] | None:
+    """None (every document), or with max_docs > 0 the ids to keep: every judged document of
+    the kept queries plus seeded random others, up to max_docs."""
+    total = len(build.source("corpus"))
+    if not max_docs or total <= max_docs:
+        return None
     judged = {doc for queries in splits.values() for q in queries for doc in q["doc_ids"]}
-    keep = np.array([doc["id"] in judged for doc in docs])
-    if keep.sum() > max_docs:
-        logging.warning("config.data.max_docs=%d < %d judged documents; keeping all judged ones", max_docs, keep.sum())
-    others = np.flatnonzero(~keep)
-    extra = max(0, max_docs - int(keep.sum()))
-    keep[rng.choice(others, min(extra, len(others)), replace=False)] = True
-    return [doc for doc, k in zip(docs, keep) if k]
+    others = [doc["id"] for doc in builders.read_split(build, "corpus") if doc["id"] not in judged]
+    if len(judged) > max_docs:
+        logging.warning("config.data.max_docs=%d < %d judged documents; keeping all judged ones", max_docs, len(judged))
+    extra = min(max(0, max_docs - len(judged)), len(others))
+    return judged | {others[i] for i in rng.choice(len(others), extra, replace=False)}
 
 
 def load_prepared(path: str) -> RetrievalDataset:
