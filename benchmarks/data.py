@@ -91,7 +91,7 @@ def main() -> None:
             "queries": ds.num_queries,
             "seconds_total": round(prepare_s, 2),
             "cpu_seconds_total": round(prepare_cpu_s, 2),  # all threads; wall time minus waiting for a core
-            "seconds_tfds_build_and_read": round(prepare_s - parts["tokenize"], 2),
+            "seconds_build_read_write": round(prepare_s - parts["tokenize"], 2),
             "seconds_tokenize": round(parts["tokenize"], 2),
             "seconds_tokenizer_load": round(tokenizer_load_s, 2),
             "seconds_cached_reload": round(cached_s, 2),
