@@ -346,6 +346,18 @@ def test_pipeline_resume(workers):
         other.set_state(state)
 
 
+def test_train_examples_save_load(tmp_path):
+    import ml_dtypes
+
+    ex = _examples(attn=True)
+    ex.teacher_attn = ex.teacher_attn.astype(ml_dtypes.bfloat16)
+    ex.save(str(tmp_path / "ex"))
+    back = TrainExamples.load(str(tmp_path / "ex"))
+    assert back.teacher_attn.dtype == ml_dtypes.bfloat16 and isinstance(back.teacher_attn, np.memmap)
+    for name in ("query_idx", "cand_idx", "cand_mask", "teacher_scores", "teacher_attn"):
+        assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(ex, name)))
+
+
 def test_pipeline_epochs():
     config = make_tiny_config()
     ex = _examples()

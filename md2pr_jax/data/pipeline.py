@@ -78,7 +78,10 @@ class TrainExamples:
             path = os.path.join(directory, name + ".npy")
             return np.load(path, mmap_mode=mmap) if os.path.exists(path) else None
 
-        return cls(get("query_idx"), get("cand_idx"), get("cand_mask"), get("teacher_scores"), get("teacher_attn", "r"))
+        attn = get("teacher_attn", "r")
+        if attn is not None and attn.dtype == np.dtype("V2"):  # np.save writes bfloat16 as 2-byte voids
+            attn = attn.view(ml_dtypes.bfloat16)
+        return cls(get("query_idx"), get("cand_idx"), get("cand_mask"), get("teacher_scores"), attn)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
