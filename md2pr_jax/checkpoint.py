@@ -24,9 +24,18 @@ _BYTES = "__bytes_base64__"
 def make_checkpoint_manager(directory: str, config, *, async_save: bool = True) -> ocp.CheckpointManager:
     """An orbax CheckpointManager in `directory` (local path or gs://) for items state/host/data."""
     path = directory if "://" in str(directory) else os.path.abspath(directory)
+    every = max(int(config.train.checkpoint_every), 1)
+    # Every K steps (and on a preemption signal), but not orbax's default extra save at the
+    # first step of a run: a resumed run continues from the last multiple of K.
+    policy = ocp.checkpoint_managers.AnySavePolicy(
+        [
+            ocp.checkpoint_managers.FixedIntervalPolicy(every),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.train.keep_checkpoints) or None,
-        save_interval_steps=max(int(config.train.checkpoint_every), 1),
+        save_decision_policy=policy,
         enable_async_checkpointing=async_save,
         create=True,
     )

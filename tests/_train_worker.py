@@ -155,6 +155,8 @@ def run_resumable(args):
 
     def on_step(step, new_state, metrics):
         state_holder[0] = new_state
+        if step % config.train.checkpoint_every == 0:
+            manager.wait_until_finished()  # the test kills us after a printed step: make saves durable first
         print(f"step {step}", flush=True)
 
     step_fn = make_train_step(config, mesh, student, total_steps=10)
