@@ -45,7 +45,7 @@ if [[ -z "${MD2PR_DATA_DIR:-}" && -d "$repo/../shared/data" ]]; then
   MD2PR_DATA_DIR="$(cd "$repo/../shared/data" && pwd)"
   export MD2PR_DATA_DIR
 fi
-port="${MD2PR_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+port="${MD2PR_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 devices="${DEVICES_PER_PROC:-1}"
 log_dir="${LOG_DIR:-$workdir/logs}"
 mkdir -p "$workdir" "$log_dir"
@@ -77,23 +77,27 @@ fi
 
 # Wait for all; on the first failure stop the others (a dead peer would leave them hanging
 # in a collective until the coordinator's heartbeat timeout).
+# (Polling with kill -0, then `wait PID` for its status: `wait -n` can miss a child that
+# exited before it was called.)
 status=0
-remaining=$num
-while ((remaining > 0)); do
-  set +e
-  wait -n -p done_pid "${pids[@]}"
-  rc=$?
-  set -e
-  remaining=$((remaining - 1))
-  if ((rc != 0 && status == 0)); then
-    status=$rc
-    for ((i = 0; i < num; i++)); do
-      if [[ "${pids[$i]}" == "${done_pid:-}" ]]; then
-        echo "multihost_local: process $i failed with status $rc (log: $log_dir/process_$i.log); stopping the others" >&2
-      fi
-    done
-    cleanup
-  fi
+declare -A running=()
+for ((i = 0; i < num; i++)); do running[${pids[$i]}]=$i; done
+while ((${#running[@]} > 0)); do
+  for pid in "${!running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    set +e
+    wait "$pid"
+    rc=$?
+    set -e
+    i="${running[$pid]}"
+    unset "running[$pid]"
+    if ((rc != 0 && status == 0)); then
+      status=$rc
+      echo "multihost_local: process $i failed with status $rc (log: $log_dir/process_$i.log); stopping the others" >&2
+      cleanup
+    fi
+  done
+  if ((${#running[@]} > 0)); then sleep 1; fi
 done
 if [[ -n "${tail_pid:-}" ]]; then
   kill "$tail_pid" 2>/dev/null || true

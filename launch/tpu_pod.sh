@@ -91,11 +91,23 @@ done
 common=(--zone "$zone")
 if [[ -n "$project" ]]; then common+=(--project "$project"); fi
 
-# Prints the command (shell-quoted, one line); runs it unless --dry-run.
+# The arguments as one line a POSIX shell reads back into the same words (single quotes
+# where needed, like Python's shlex.join).
+quote_args() {
+  local out="" a sq="'"
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
+      out+="$a "
+    else
+      out+="'${a//$sq/$sq\\$sq$sq}' "
+    fi
+  done
+  echo "${out% }"
+}
+
+# Prints the command ("+ " and the quoted words, one line); runs it unless --dry-run.
 run_cmd() {
-  local quoted
-  quoted="$(printf '%q ' "$@")"
-  echo "+ ${quoted% }"
+  echo "+ $(quote_args "$@")"
   if ((dry_run == 0)); then
     "$@"
   fi
@@ -110,7 +122,7 @@ do_create() {
   if ((dry_run == 0)); then
     state="$("$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)' 2>/dev/null || true)"
   else
-    echo "+ $(printf '%q ' "$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)')"
+    echo "+ $(quote_args "$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)')"
   fi
   case "$state" in
     READY | CREATING | STARTING | RESTARTING)
@@ -127,7 +139,7 @@ do_create() {
     run_cmd "$gcloud_bin" "${args[@]}"
     local poll=("$gcloud_bin" compute tpus queued-resources describe "$name" "${common[@]}" --format='value(state.state)')
     if ((dry_run)); then
-      echo "+ $(printf '%q ' "${poll[@]}")"
+      echo "+ $(quote_args "${poll[@]}")"
     else
       local s
       while true; do

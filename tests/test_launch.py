@@ -1,0 +1,239 @@
+"""The launch scripts: tpu_pod.sh (--dry-run commands; a whole run through a fake gcloud),
+multihost_local.sh (N local gloo processes), local.sh, and shellcheck on all of them.
+
+The end-to-end tests run configs/debug.py with fewer steps (OVERRIDES: one student round,
+two teacher steps; MD2PR_LAUNCH_FULL=1 runs the whole debug pipeline) once single-process
+(a module-scoped reference shared by the tests) and once with 2 processes, and compare every
+metric of results.json. Each process has one CPU device, so the 2-process mesh has 2 data
+shards where the reference has 1: the same global batches, summed in a different order, so
+the metrics agree to float32 round-off, not bit for bit (tolerance METRIC_TOL).
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_GCLOUD_DIR = os.path.join(ROOT, "tests", "fake_gcloud")
+SCRIPTS = ["launch/tpu_pod.sh", "launch/local.sh", "launch/multihost_local.sh", "launch/setup.sh", "tests/fake_gcloud/gcloud"]
+OVERRIDES = [] if os.environ.get("MD2PR_LAUNCH_FULL") else ["--config.rounds.num_rounds=1", "--config.teacher_train.max_steps=2"]
+ROWS = ("bm25", "zero_shot", "teacher_rerank", "md2pr")
+METRIC_TOL = 1e-4
+TIMEOUT_S = 1800
+
+
+def _run(cmd, env=None, timeout=TIMEOUT_S, cwd=ROOT):
+    """Runs cmd, returns CompletedProcess (stdout and stderr together in .stdout)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def _check(proc, what):
+    assert proc.returncode == 0, f"{what} failed with {proc.returncode}:\n{proc.stdout[-6000:]}"
+
+
+def _results(workdir) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def _assert_same_metrics(got: dict, want: dict):
+    for row in ROWS:
+        assert row in want, f"reference results.json has no row {row}"
+        assert set(got[row]) == set(want[row]), row
+        for metric, value in want[row].items():
+            assert got[row][metric] == pytest.approx(value, abs=METRIC_TOL), (row, metric, got[row], want[row])
+    assert len(got["rounds"]) == len(want["rounds"])
+    for a, b in zip(got["rounds"], want["rounds"]):
+        assert a["tau"] == pytest.approx(b["tau"], abs=METRIC_TOL)
+        assert a["flagged"] == b["flagged"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """results.json of the single-process run of configs/debug.py with OVERRIDES."""
+    workdir = str(tmp_path_factory.mktemp("single"))
+    env = {"JAX_PLATFORMS": "cpu"}
+    env.pop("MD2PR_COORDINATOR", None)
+    t = time.perf_counter()
+    proc = _run([sys.executable, "-m", "md2pr_jax.main", "--config", "configs/debug.py", "--workdir", workdir,
+                 "--mode", "pipeline", *OVERRIDES], env=env)
+    _check(proc, "single-process reference run")
+    print(f"single-process reference: {time.perf_counter() - t:.0f} s")
+    return _results(workdir)
+
+
+# ---------------------------------------------------------------- tpu_pod.sh --dry-run
+
+def _dry_run(*args):
+    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"], env={"GCLOUD": "gcloud"})
+    return proc, [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_dry_run_prints_every_command():
+    proc, cmds = _dry_run("--project", "proj", "--zone", "us-central2-b", "--name", "md2pr", "--accelerator", "v4-32",
+                          "--runtime-version", "tpu-ubuntu2204-base", "--spot", "--config", "configs/scifact_minilm.py",
+                          "--workdir", "gs://bucket/md2pr/run1", "--mode", "pipeline",
+                          "--extra", "--config.rounds.num_rounds=2 --config.train.lr=2e-5",
+                          "--env", "MD2PR_DATA_DIR=gs://bucket/data", "all", "logs", "delete")
+    _check(proc, "dry run")
+    z = ["--zone", "us-central2-b", "--project", "proj"]
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "md2pr", *z]
+    job = ("cd md2pr_jax && mkdir -p logs && set -o pipefail && MD2PR_DATA_DIR=gs://bucket/data "
+           ".venv/bin/python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir gs://bucket/md2pr/run1 "
+           "--mode pipeline --config.rounds.num_rounds=2 --config.train.lr=2e-5 2>&1 | tee -a logs/run.log")
+    assert cmds == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "describe", "md2pr", *z, "--format=value(state)"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "create", "md2pr", *z, "--accelerator-type", "v4-32",
+         "--version", "tpu-ubuntu2204-base", "--spot"],
+        ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", "/tmp/md2pr_jax.tar.gz", "HEAD"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/md2pr_jax.tar.gz", "md2pr:~/md2pr_jax.tar.gz", *z, "--worker=all"],
+        [*ssh, "--worker=all", "--command",
+         "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh test,tpu"],
+        [*ssh, "--worker=all", "--command", job],
+        [*ssh, "--worker=0", "--command", "tail -n 200 -F md2pr_jax/logs/run.log"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "md2pr", *z, "--quiet"],
+    ]
+    # Never a command that removes the workdir (preemption: a rerun resumes from it).
+    assert "rm " not in proc.stdout and "gsutil" not in proc.stdout
+
+
+def test_dry_run_queued_resource():
+    proc, cmds = _dry_run("--zone", "z1", "--name", "n1", "--accelerator", "v5litepod-16", "--spot", "--queued",
+                          "create", "delete")
+    _check(proc, "dry run")
+    assert cmds == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "describe", "n1", "--zone", "z1", "--format=value(state)"],
+        ["gcloud", "compute", "tpus", "queued-resources", "create", "n1", "--zone", "z1", "--node-id", "n1",
+         "--accelerator-type", "v5litepod-16", "--runtime-version", "tpu-ubuntu2204-base", "--spot"],
+        ["gcloud", "compute", "tpus", "queued-resources", "describe", "n1", "--zone", "z1", "--format=value(state.state)"],
+        ["gcloud", "compute", "tpus", "queued-resources", "delete", "n1", "--zone", "z1", "--force", "--quiet"],
+    ]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "n", "create"], "--zone is required"),
+    (["--zone", "z", "create"], "--name is required"),
+    (["--zone", "z", "--name", "n"], "no command given"),
+    (["--zone", "z", "--name", "n", "run"], "--workdir is required"),
+    (["--zone", "z", "--name", "n", "--bogus", "run"], "unknown argument '--bogus'"),
+])
+def test_bad_flags_fail_clearly(args, message):
+    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"])
+    assert proc.returncode == 2 and message in proc.stdout, proc.stdout
+
+
+def test_create_keeps_a_ready_vm_and_recreates_a_preempted_one(tmp_path):
+    log = tmp_path / "calls.log"
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log)}
+    _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "READY"}), "create")
+    assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe"]
+    log.write_text("")
+    _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "PREEMPTED"}), "create")
+    assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe", "delete", "create"]
+
+
+# ---------------------------------------------------------------- failure handling (fast, no JAX)
+
+def test_fake_gcloud_worker_failure_stops_the_others(tmp_path):
+    env = {"FAKE_TPU_WORKERS": "3", "FAKE_TPU_HOME": str(tmp_path)}
+    cmd = 'echo "id=$TPU_WORKER_ID pid=$MD2PR_PROCESS_ID n=$MD2PR_NUM_PROCESSES c=$MD2PR_COORDINATOR"; ' \
+          'if [ "$TPU_WORKER_ID" = 1 ]; then exit 4; fi; sleep 120'
+    t = time.perf_counter()
+    proc = _run([os.path.join(FAKE_GCLOUD_DIR, "gcloud"), "compute", "tpus", "tpu-vm", "ssh", "n", "--zone", "z",
+                 "--worker=all", "--command", cmd], env=env, timeout=60)
+    assert proc.returncode == 4, proc.stdout
+    assert time.perf_counter() - t < 30
+    for i in range(3):
+        assert f"[worker {i}] id={i} pid={i} n=3 c=127.0.0.1:" in proc.stdout
+
+
+def test_multihost_local_failure_stops_the_others(tmp_path):
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/usr/bin/env bash\necho "process $MD2PR_PROCESS_ID of $MD2PR_NUM_PROCESSES at '
+                           '$MD2PR_COORDINATOR: $*"\nif [ "$MD2PR_PROCESS_ID" = 1 ]; then exit 3; fi\nexec sleep 120\n')
+    fake_python.chmod(0o755)
+    t = time.perf_counter()
+    proc = _run(["bash", "launch/multihost_local.sh", "2", "configs/debug.py", str(tmp_path / "w"), "teacher", "--config.seed=3"],
+                env={"PYTHON": str(fake_python), "QUIET": "1"}, timeout=60)
+    assert proc.returncode == 3, proc.stdout
+    assert time.perf_counter() - t < 30
+    assert "process 1 failed with status 3" in proc.stdout
+    log0 = (tmp_path / "w" / "logs" / "process_0.log").read_text()
+    assert "process 0 of 2 at 127.0.0.1:" in log0
+    assert "--config configs/debug.py --workdir " in log0 and "--mode teacher --config.seed=3" in log0
+
+
+# ---------------------------------------------------------------- shellcheck
+
+def test_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian: apt-get install -y shellcheck)")
+    proc = _run(["shellcheck", *SCRIPTS])
+    _check(proc, "shellcheck")
+
+
+# ---------------------------------------------------------------- end to end (real data)
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_multihost_local_matches_single_process(reference, tmp_path):
+    workdir = str(tmp_path / "multi")
+    t = time.perf_counter()
+    proc = _run(["bash", "launch/multihost_local.sh", "2", "configs/debug.py", workdir, "pipeline", *OVERRIDES],
+                env={"QUIET": "1"})
+    _check(proc, "multihost_local.sh 2")
+    print(f"multihost_local.sh 2: {time.perf_counter() - t:.0f} s")
+    for i in range(2):
+        assert f"process {i} of 2" in open(os.path.join(workdir, "logs", f"process_{i}.log")).read()
+    _assert_same_metrics(_results(workdir), reference)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
+    """tpu_pod.sh create + run through the fake gcloud: 2 "workers", each in its own home with
+    md2pr_jax/ (links to this checkout, standing in for setup's copy), one shared workdir."""
+    home = tmp_path / "pod"
+    for i in range(2):
+        proj = home / f"worker_{i}" / "md2pr_jax"
+        proj.mkdir(parents=True)
+        for entry in (".venv", "md2pr_jax", "configs", "launch", "setup.py"):
+            os.symlink(os.path.join(ROOT, entry), proj / entry)
+    workdir = str(tmp_path / "bucket" / "run")  # stands in for gs://: every worker sees it
+    log = tmp_path / "gcloud_calls.log"
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
+           "FAKE_TPU_WORKERS": "2", "FAKE_TPU_HOME": str(home)}
+    t = time.perf_counter()
+    proc = _run(["bash", "launch/tpu_pod.sh", "--zone", "us-central2-b", "--name", "fake-pod", "--accelerator", "v4-16",
+                 "--config", "configs/debug.py", "--workdir", workdir, "--mode", "pipeline", "--extra", " ".join(OVERRIDES),
+                 "--env", f"MD2PR_DATA_DIR={os.environ['MD2PR_DATA_DIR']}", "create", "run"], env=env)
+    _check(proc, "tpu_pod.sh create run (fake gcloud)")
+    print(f"tpu_pod.sh via fake gcloud, 2 workers: {time.perf_counter() - t:.0f} s")
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    assert [c[3:5] for c in calls] == [["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "ssh"]]
+    assert "--worker=all" in calls[2]
+    for i in range(2):
+        assert f"[worker {i}]" in proc.stdout
+        run_log = (home / f"worker_{i}" / "md2pr_jax" / "logs" / "run.log").read_text()
+        assert f"process {i} of 2" in run_log
+    _assert_same_metrics(_results(workdir), reference)
+
+
+@pytest.mark.data
+def test_local_sh_runs_on_cpu_here(tmp_path):
+    """local.sh picks the platform (no GPU on the CI machines: the CPU) and runs a mode
+    (`prepare`, the cheapest that reads the config and the data)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run(["bash", "launch/local.sh", "configs/debug.py", str(tmp_path / "w"), "prepare"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    _check(proc, "local.sh prepare")
+    expected = "cuda" if shutil.which("nvidia-smi") and "JAX has no CUDA" not in proc.stdout else "cpu"
+    assert f"local.sh: JAX_PLATFORMS={expected} config=configs/debug.py" in proc.stdout
