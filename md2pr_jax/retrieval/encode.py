@@ -67,22 +67,29 @@ class CallableTokens:
         return len(self.lengths)
 
 
+_JITTED: dict[tuple[str, str], Callable] = {}
+
+
 def student_apply_fn(student, params, tower: str = "passage") -> ApplyFn:
     """A jitted (ids, mask) -> embedding [B, D] float32 for a DualEncoder and its params.
 
-    Params are an argument of the jitted function (not baked-in constants), so one compile
-    per bucket shape serves every checkpoint.
+    Params are an argument of the jitted function (not baked-in constants), and the jitted
+    function is shared by every call with an equal module, so one compile per bucket shape
+    serves every checkpoint and every round.
     """
     if tower not in ("query", "passage"):
         raise ValueError(f"tower must be 'query' or 'passage', got {tower!r}")
+    key = (repr(student), tower)  # linen modules holding dicts are not hashable; repr is their config
+    if key not in _JITTED:
+        method = getattr(type(student), f"encode_{tower}")
 
-    method = getattr(type(student), f"encode_{tower}")
+        @jax.jit
+        def run(p, ids, mask):
+            emb, _ = student.apply({"params": p}, ids, mask, method=method)
+            return emb.astype(jnp.float32)
 
-    @jax.jit
-    def run(p, ids, mask):
-        emb, _ = student.apply({"params": p}, ids, mask, method=method)
-        return emb.astype(jnp.float32)
-
+        _JITTED[key] = run
+    run = _JITTED[key]
     return lambda ids, mask: run(params, ids, mask)
 
 

@@ -12,7 +12,6 @@ import functools
 import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -285,9 +284,3 @@ def ann_recall(index: Index, q: np.ndarray, db: np.ndarray, k: int = 10, exact_i
     hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(ann_idx, exact_idx[:, :k])]
     return float(np.mean(hits))
 
-
-def timed_build(emb: np.ndarray, retrieval_config, depth: int, force: str | None = None) -> tuple[Index, float]:
-    """`build_index` and its wall-clock seconds (for logs and benchmarks)."""
-    t = time.perf_counter()
-    index = build_index(emb, retrieval_config, depth, force)
-    return index, time.perf_counter() - t

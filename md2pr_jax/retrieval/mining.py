@@ -130,6 +130,7 @@ def gather_rows(local: np.ndarray, total: int) -> np.ndarray:
     per = max(b - a for a, b in slices)
     dim = int(allgather(np.array([local.shape[1] if local.ndim == 2 else 0])).max())
     padded = np.zeros((per, dim), np.float32)
-    padded[: len(local)] = local
+    if len(local):
+        padded[: len(local)] = local
     rows = allgather(padded)  # [P, per, D]
     return np.concatenate([rows[p, : b - a] for p, (a, b) in enumerate(slices)])

@@ -1,0 +1,111 @@
+"""Corpus encoding throughput: the JAX encoder against sentence-transformers on SciFact.
+
+Both encode the same SciFact passages (title + ' ' + text) with all-MiniLM-L6-v2 at the same
+max length and batch size. JAX: the prepared token ids through `retrieval.encode.encode`
+(length-bucketed, jitted); compile time is reported apart from the steady-state pass.
+PyTorch: `SentenceTransformer.encode` (which also sorts by length), tokenization included,
+as users run it. Also reports the largest |difference| between the two sets of embeddings.
+
+    MD2PR_DATA_DIR=../shared/data .venv/bin/python benchmarks/encode.py \
+        [--max-len 256] [--batch-size 64] [--limit 0] [--out benchmarks/results/encode.json]
+
+About 6-8 minutes for the full corpus at length 256 on an idle 2-core CPU. The corpus and
+query embeddings are kept in --cache (default: $TMPDIR/md2pr_bench) for benchmarks/ann.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="encode only the first N passages (0 = all)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "md2pr_bench"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encode.json"))
+    args = parser.parse_args()
+    if not os.environ.get("MD2PR_DATA_DIR"):
+        raise SystemExit("set MD2PR_DATA_DIR to the folder holding scifact/")
+
+    import jax
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from md2pr_jax import hf
+    from md2pr_jax.config import MINILM_ID, base_config
+    from md2pr_jax.data import prepare_dataset
+    from md2pr_jax.models import student_from_config
+    from md2pr_jax.retrieval.encode import CallableTokens, bucket_lengths, encode, save_embeddings, student_apply_fn
+
+    cfg = base_config()
+    cfg.student.init = MINILM_ID
+    cfg.data.max_passage_len = args.max_len
+    ds = prepare_dataset(cfg, args.cache)
+    n = args.limit or ds.num_docs
+    rows = np.arange(n)
+    texts = [ds.doc_texts[i] for i in rows]
+    tokens = CallableTokens(ds.doc_tokens, ds.doc_lengths)
+
+    params = hf.init_student_params(cfg)
+    student = student_from_config(cfg)
+    fn = student_apply_fn(student, params, "passage")
+    kw = dict(batch_size=args.batch_size, max_len=args.max_len, progress=False)
+    # Compile every bucket shape once: one batch of the longest texts of each bucket.
+    lengths = np.minimum(ds.doc_lengths[:n], args.max_len)
+    buckets = bucket_lengths(args.max_len)
+    which = np.searchsorted(buckets, lengths)
+    warm = np.concatenate([rows[which == b][: args.batch_size] for b in np.unique(which)])
+    t = time.perf_counter()
+    encode(fn, tokens, warm, **kw)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    jax_emb = encode(fn, tokens, rows, **kw)
+    jax_s = time.perf_counter() - t
+
+    model = SentenceTransformer(hf.resolve_pretrained(MINILM_ID), device="cpu")
+    model.max_seq_length = args.max_len
+    model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    t = time.perf_counter()
+    st_emb = model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+    st_s = time.perf_counter() - t
+
+    diff = float(np.abs(jax_emb - st_emb).max())
+    result = {
+        "what": "SciFact corpus encoding, all-MiniLM-L6-v2 (mean pooling, normalised)",
+        "passages": int(n),
+        "max_len": args.max_len,
+        "batch_size": args.batch_size,
+        "mean_tokens": float(lengths.mean()),
+        "jax": {"seconds": round(jax_s, 2), "passages_per_s": round(n / jax_s, 2), "compile_s": round(compile_s, 2),
+                "buckets": buckets},
+        "sentence_transformers": {"seconds": round(st_s, 2), "passages_per_s": round(n / st_s, 2),
+                                  "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "ratio_jax_over_st": round(st_s / jax_s, 3),
+        "max_abs_diff": diff,
+        "jax_version": jax.__version__,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    if n == ds.num_docs:
+        save_embeddings(os.path.join(args.cache, f"scifact_minilm_{args.max_len}.docs.npy"), jax_emb, ds.doc_ids)
+        q_rows = np.arange(ds.num_queries)
+        q_fn = student_apply_fn(student, params, "query")
+        q_emb = encode(q_fn, CallableTokens(ds.query_tokens, ds.query_lengths), q_rows,
+                       batch_size=args.batch_size, max_len=ds.max_query_len, progress=False)
+        save_embeddings(os.path.join(args.cache, f"scifact_minilm_{args.max_len}.queries.npy"), q_emb, ds.query_ids)
+
+
+if __name__ == "__main__":
+    main()
