@@ -77,10 +77,16 @@ class Controller:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = shd.make_mesh(config)
-        self.dataset = prepare_dataset(config, self.workdir)
+        self.main = jax.process_index() == 0
+        # Process 0 builds the TFDS data and the prepared dataset first; the others then load
+        # them (concurrent builds of the same folder race on TFDS's final rename).
+        if self.main:
+            self.dataset = prepare_dataset(config, self.workdir)
+        self.barrier("dataset_prepared")
+        if not self.main:
+            self.dataset = prepare_dataset(config, self.workdir)
         self.student = student_from_config(config)
         self.teacher = teacher_from_config(config)
-        self.main = jax.process_index() == 0
         splits = self.dataset.split_queries
         self.train_split = config.data.train_split
         self.eval_split = config.data.eval_split
@@ -290,8 +296,8 @@ class Controller:
         else:
             params = hf.init_teacher_params(cfg)
         host_params = numpy_tree(params)
-        if self.main:
-            artifacts.save_params(artifacts.params_dir(self.workdir, "teacher"), host_params)
+        # Every process calls the orbax save (it is collective: process 0 writes, all sync).
+        artifacts.save_params(artifacts.params_dir(self.workdir, "teacher"), host_params)
         self.barrier("teacher_saved")
         rerank = self.teacher_rerank(host_params)
         return self.finish(stage, {"teacher_rerank": rerank, "history": history, "steps": total})
@@ -536,9 +542,9 @@ class Controller:
         state, _ = train_loop(cfg, self.path(stage), state, batches, step_fn, manager, {"round": r}, total,
                               mesh=self.mesh, teacher_params=teacher_params, tag=f"round {r}", on_step=on_step)
         params = numpy_tree(state.params)
-        if self.main:
-            artifacts.save_params(self.path(f"rounds/r{r:02d}/student"), params)
-            artifacts.save_params(artifacts.params_dir(self.workdir, "student"), params)
+        # Every process calls the orbax save (it is collective: process 0 writes, all sync).
+        artifacts.save_params(self.path(f"rounds/r{r:02d}/student"), params)
+        artifacts.save_params(artifacts.params_dir(self.workdir, "student"), params)
         self.barrier(stage)
         history = self.history(r)
         means = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "step"} if history else {}

@@ -115,7 +115,22 @@ class PairScorer:
                                  unit="batch", dynamic_ncols=True):
             scores, attn = self._fn(self.params, batch)
             m = min(self.batch_size, n - start)
-            out[start : start + m] = np.asarray(scores)[:m, 0]
-            if attn_out is not None and attn is not None:
-                attn_out[start : start + m] = np.asarray(attn)[:m, :, 0]
+            out[start : start + m] = _to_host(scores)[:m, 0]
+            if attn is not None:
+                # Fetched on every process even where attn_out is None (the controller keeps the
+                # maps on process 0 only): with several processes the fetch is a collective.
+                attn_host = _to_host(attn)
+                if attn_out is not None:
+                    attn_out[start : start + m] = attn_host[:m, :, 0]
         return out
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole value of `x` as numpy on every process. With several processes the scorer's
+    outputs are global arrays spanning other hosts' devices: gathered (every process calls this
+    for the same batches, so the collective matches)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
