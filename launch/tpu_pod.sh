@@ -13,8 +13,11 @@
 #   --spot               spot capacity (cheap, preemptible)
 #   --queued             create through `queued-resources create` and wait until ACTIVE
 #   --config F           experiment config (default configs/debug.py)
-#   --workdir D          workdir on the workers; every worker must see the same one: a gs://
-#                        bucket path or a shared mount (default gs://BUCKET/... is not guessed)
+#   --workdir D          workdir on the workers (required for run). Every worker must see the
+#                        same one (process 0 writes stage files the others read): a gs:// path,
+#                        passed through unchanged, or a shared mount (gcsfuse, Filestore).
+#                        NOTE: md2pr_jax/controller.py still uses os.path/open for its stage
+#                        files, so today only a shared mount works; gs:// needs epath there.
 #   --mode M             md2pr_jax.main --mode (default pipeline)
 #   --extra "ARGS"       more md2pr_jax.main arguments, e.g. "--config.rounds.num_rounds=1"
 #   --env K=V            environment variable for the job on every worker (repeatable),
@@ -78,7 +81,7 @@ while [[ $# -gt 0 ]]; do
     --env) [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"; envs+=("$2"); shift 2 ;;
     --extras) extras="${2:?--extras needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h | --help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     create | setup | run | logs | delete) commands+=("$1"); shift ;;
     all) commands+=(create setup run); shift ;;
     *) die "unknown argument '$1' (see --help)" ;;
