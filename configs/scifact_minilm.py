@@ -33,6 +33,5 @@ def get_config():
     c.teacher_train.rerank_depth = 50
     c.rounds.num_rounds = 2
     c.rounds.mine_depth = 20
-    c.retrieval.brute_force_below = 1000  # SciFact's 5,183 passages go through ScaNN
     c.aot.topology = "v5e:2x2"
     return c

@@ -108,6 +108,7 @@ def base_config() -> ConfigDict:
     # --- training -----------------------------------------------------------------------
     c.train = ConfigDict()
     c.train.batch_size = 16  # global number of queries per step
+    c.train.seed = 0  # the student's own randomness (negative sampling, batch order, init rng), beside config.seed
     c.train.lr = 2e-5
     c.train.weight_decay = 0.01
     c.train.warmup_steps = 50
@@ -131,6 +132,7 @@ def base_config() -> ConfigDict:
     c.teacher_train.grad_clip = 1.0
     c.teacher_train.negative_pool = 30  # negatives sampled from BM25 and zero-shot dense top-N
     c.teacher_train.score_batch_size = 64  # pairs per jitted scoring call
+    c.teacher_train.checkpoint_every = 20
     c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
     c.teacher_train.rerank_depth = 100
 

@@ -264,7 +264,9 @@ class Controller:
             params = place_teacher_params(cfg, self.mesh, hf.init_teacher_params(cfg), teacher=self.teacher)
             step_fn, tx = make_teacher_step(cfg, self.mesh, self.teacher, total)
             state = init_teacher_state(params, tx, cfg.seed)
-            manager = ckpt.make_checkpoint_manager(self.path(stage, "ckpt"), cfg)
+            ckpt_cfg = cfg.copy_and_resolve_references()
+            ckpt_cfg.train.checkpoint_every = int(tcfg.checkpoint_every)
+            manager = ckpt.make_checkpoint_manager(self.path(stage, "ckpt"), ckpt_cfg)
             restored = ckpt.restore(manager, abstract_state=jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
             if restored is not None:
@@ -428,7 +430,7 @@ class Controller:
         # Training lists: for every (query, positive) pair, num_negatives negatives sampled
         # from the unflagged candidates, then ordered by teacher score (hardest first).
         n_neg = int(cfg.data.num_negatives)
-        rng = np.random.default_rng([cfg.seed, r])
+        rng = np.random.default_rng([cfg.seed, cfg.train.seed, r])
         ex_q, ex_c, ex_m, ex_t, ex_src = [], [], [], [], []
         for i, q in enumerate(q_rows):
             usable = np.nonzero(valid[i] & ~flagged[i])[0]
@@ -522,7 +524,7 @@ class Controller:
             teacher_params = place_teacher_params(cfg, self.mesh, self.teacher_params(), teacher=self.teacher)
         step_fn = make_train_step(cfg, self.mesh, self.student, self.teacher if online else None, total_steps=total)
         manager = ckpt.make_checkpoint_manager(self.path(stage, "ckpt"), cfg)
-        batches = make_train_iterator(examples, self.dataset, cfg, seed=cfg.seed * 1000 + r,
+        batches = make_train_iterator(examples, self.dataset, cfg, seed=(cfg.seed * 1000 + cfg.train.seed) * 100 + r,
                                       local_rows=shd.local_batch_slice(self.mesh, int(cfg.train.batch_size)))
         restored = ckpt.restore(manager, abstract_state=abstract_train_state(cfg, self.mesh, self.student))
         if restored is not None:
@@ -530,7 +532,7 @@ class Controller:
             batches.set_state(restored["data"])
             logging.info("round %d: resuming training at step %d", r, restored["step"])
         else:
-            state = create_train_state(cfg, self.mesh, self.student_params(r - 1), student=self.student)
+            state = create_train_state(cfg, self.mesh, self.student_params(r - 1), jax.random.PRNGKey(cfg.seed * 7919 + cfg.train.seed), student=self.student)
         log_path = self.path(stage, "history.jsonl")
 
         def on_step(step, _state, metrics):

@@ -176,7 +176,7 @@ class ScannIndex(Index):
         dims_per_block: int = 2,
         quantization_threshold: float = 0.2,
     ) -> "ScannIndex":
-        """Builds from emb [N, D]; zeros pick defaults (leaves sqrt(N), search leaves/10+1, reorder 10 x depth)."""
+        """Builds from emb [N, D]; zeros pick defaults (leaves sqrt(N), search max(leaves/10+1, leaves holding 20 x depth points), reorder 10 x depth)."""
         import scann
 
         emb = _check_2d("corpus embeddings", emb)
@@ -185,7 +185,9 @@ class ScannIndex(Index):
             raise ValueError(f"ScaNN needs at least 2 corpus rows, got {n}; use ExactIndex")
         leaves = num_leaves or max(1, int(round(math.sqrt(n))))
         leaves = min(leaves, n)
-        search = min(leaves_to_search or leaves // 10 + 1, leaves)
+        # Search enough leaves to hold ~20x depth points: a deep search (evaluation at depth
+        # 1000 on a small corpus) must not be confined to a tenth of the corpus.
+        search = min(leaves_to_search or max(leaves // 10 + 1, math.ceil(20 * depth * leaves / n)), leaves)
         reorder = reorder or 10 * depth
         sample = min(training_sample_size or n, n)
         params = dict(

@@ -1,0 +1,130 @@
+"""The ablation: every row of the results table, measured by this code in one resumable run.
+
+    python -m md2pr_jax.ablation --config configs/scifact_minilm.py --workdir runs/ablation [--seeds 0,1]
+
+Rows share what they have in common. `WORKDIR/shared` runs round 0 once (BM25, zero-shot,
+the teacher and its rerank row) and round 1's mining and teacher pass (round 1 mines with
+the zero-shot student, the same for every row); each row's folder `WORKDIR/rows/<row>_s<seed>`
+links those stages and runs its own filter, training and evaluation (and any later rounds).
+Writes `WORKDIR/ablation.json` (rows bm25, zero_shot, teacher_rerank, de, de_sent,
+de_sent_word, md2pr, static_filter: the mean over seeds of ndcg@10, mrr@10, recall@100, with
+`<metric>_std` and `seeds`) and `WORKDIR/REPORT.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# row -> config overrides on top of the experiment config
+ROWS = {
+    "de": {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False},
+    "de_sent": {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False},
+    "de_sent_word": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": False},
+    "md2pr": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": True},
+    "static_filter": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False},
+}
+SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", "rounds/r01/mine", "rounds/r01/score")
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation workdir.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
+_ROWS = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
+_MULTI_SEED_ROWS = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
+
+
+def row_config(config, row: str, seed: int):
+    c = config.copy_and_resolve_references()
+    for key, value in ROWS[row].items():
+        section, name = key.split(".")
+        c[section][name] = value
+    c.train.seed = seed  # data splits, teacher and round-1 candidates stay shared (config.seed)
+    c.name = f"{config.name}:{row}:s{seed}"
+    return c
+
+
+def link_shared(shared: str, rowdir: str) -> None:
+    """Points a row's shared stages at WORKDIR/shared (relative symlinks)."""
+    for stage in SHARED_STAGES:
+        src, dst = os.path.join(shared, stage), os.path.join(rowdir, stage)
+        if os.path.lexists(dst) or not os.path.exists(src):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    out: dict = {"seeds": len(per_seed)}
+    for m in METRICS:
+        values = [r[m] for r in per_seed]
+        out[m] = float(np.mean(values))
+        out[f"{m}_std"] = float(np.std(values))
+    return out
+
+
+def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str]) -> dict:
+    from md2pr_jax import report
+    from md2pr_jax.artifacts import write_json
+    from md2pr_jax.controller import Controller
+
+    workdir = os.path.abspath(workdir)
+    shared_dir = os.path.join(workdir, "shared")
+    base = Controller(config, shared_dir)
+    base.baselines()
+    base.train_teacher()
+    base.mine(1)
+    base.score(1)
+    common = base.results()["rows"]
+    table = {k: {m: common[k][m] for m in METRICS} for k in ("bm25", "zero_shot", "teacher_rerank") if k in common}
+    shown = {k: dict(v) for k, v in table.items()}
+    per_row: dict[str, dict] = {}
+    for row in rows:
+        results = []
+        for seed in seeds if row in multi_seed_rows else seeds[:1]:
+            rowdir = os.path.join(workdir, "rows", f"{row}_s{seed}")
+            link_shared(shared_dir, rowdir)
+            ctl = Controller(row_config(config, row, seed), rowdir)
+            for r in range(1, int(config.rounds.num_rounds) + 1):
+                ctl.run_round(r)
+            ctl.write_report()
+            res = ctl.results()["rows"]["md2pr"]
+            results.append({m: res[m] for m in METRICS})
+            logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
+        agg = aggregate(results)
+        table[row] = agg
+        per_row[row] = {"per_seed": results, **agg}
+        shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
+                      for m in METRICS}
+        write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
+    write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
+    report.write(workdir, {"split": base.eval_split, "dataset": base.dataset.name, "rows": shown, "rounds": []}, {},
+                 title=f"{config.name} ablation")
+    return table
+
+
+def main(argv) -> None:
+    del argv
+    from md2pr_jax.config import validate
+    from md2pr_jax.main import _QuietLibraries
+
+    import logging as py_logging
+
+    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        sys.exit("--config and --workdir are required")
+    unknown = [r for r in _ROWS.value if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    config = validate(_CONFIG.value)
+    table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value)
+    print(json.dumps(table))
+
+
+if __name__ == "__main__":
+    app.run(main)
