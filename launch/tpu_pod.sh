@@ -171,7 +171,9 @@ do_setup() {
 
 job_command() {
   [[ -n "$workdir" ]] || die "--workdir is required for run (a gs:// path or a mount every worker shares)"
-  local py=(.venv/bin/python -m md2pr_jax.main --config "$config" --workdir "$workdir" --mode "$mode")
+  # --distributed: always join jax.distributed (settings from the TPU environment, or from
+  # MD2PR_COORDINATOR where that is set, as in tests/fake_gcloud), whatever the shell exports.
+  local py=(.venv/bin/python -m md2pr_jax.main --config "$config" --workdir "$workdir" --mode "$mode" --distributed)
   local cmd env_part=""
   local e
   for e in "${envs[@]}"; do

@@ -90,7 +90,7 @@ def test_dry_run_prints_every_command():
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "md2pr", *z]
     job = ("cd md2pr_jax && mkdir -p logs && set -o pipefail && MD2PR_DATA_DIR=gs://bucket/data "
            ".venv/bin/python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir gs://bucket/md2pr/run1 "
-           "--mode pipeline --config.rounds.num_rounds=2 --config.train.lr=2e-5 2>&1 | tee -a logs/run.log")
+           "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5 2>&1 | tee -a logs/run.log")
     assert cmds == [
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "md2pr", *z, "--format=value(state)"],
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "md2pr", *z, "--accelerator-type", "v4-32",
