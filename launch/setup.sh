@@ -10,6 +10,10 @@ python="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
+# The tests lint the launch scripts with shellcheck; installing it is best effort (that test skips without it).
+if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "setup.sh: shellcheck not installed (its test will skip)" >&2
+fi
 stamp=".venv/.md2pr_installed_${extras//,/_}"
 if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
