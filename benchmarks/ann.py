@@ -8,7 +8,8 @@ Two datasets, inner product, k = 10:
 For each: build seconds, queries per second (all queries in one batch, this machine's
 threads) and recall@10 against exact search, for
   - exact: `retrieval.index.exact_search` (chunked matmul + top-k in JAX);
-  - scann: tree (leaves ~ sqrt(N)) + anisotropic AH (2 dims/block) + exact reorder, sweeping
+  - scann: tree (leaves ~ sqrt(N), spherical, SOAR spilling) + anisotropic AH (2 dims/block)
+    + exact reorder, as `retrieval.index.ScannIndex.build` makes it, sweeping
     leaves searched and reorder depth;
   - faiss IVF-PQ (fast scan) + exact refine: nlist = sqrt(N), 4-bit PQ on 2-dim blocks (the
     code size of ScaNN's AH), sweeping nprobe and refine factor; FAISS HNSW (M=32) on SciFact and,
@@ -31,6 +32,10 @@ import tempfile
 import time
 
 import numpy as np
+
+# On a shared machine OpenMP threads that spin while waiting starve everyone (FAISS builds
+# took minutes for 20k points); set before faiss is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 K = 10
 
@@ -66,6 +71,11 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found[:, :K], truth[:, :K])]))
 
 
+def sweep(parts: int) -> list[int]:
+    """Distinct numbers of partitions to search: 0.5% ... 35% of `parts`."""
+    return sorted({max(1, int(round(parts * f))) for f in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35)})
+
+
 def timed(fn, repeat: int = 1):
     best, out = math.inf, None
     for _ in range(repeat):
@@ -99,8 +109,7 @@ def bench(name: str, db: np.ndarray, q: np.ndarray, hnsw: bool) -> dict:
     leaves = max(1, int(round(math.sqrt(n))))
     index, build_s = timed(lambda: ScannIndex.build(db, depth=K, num_leaves=leaves, reorder=100,
                                                    training_sample_size=min(n, 250_000)))
-    for frac in (0.01, 0.02, 0.05, 0.1, 0.2):
-        search = max(1, int(round(leaves * frac)))
+    for search in sweep(leaves):
         for reorder in (50, 100, 200):
             run = lambda: index.searcher.search_batched_parallel(
                 q, final_num_neighbors=K, pre_reorder_num_neighbors=reorder, leaves_to_search=search)
@@ -125,8 +134,8 @@ def bench(name: str, db: np.ndarray, q: np.ndarray, hnsw: bool) -> dict:
         return ivf, refine
 
     (ivf, refine), build_s = timed(build_ivfpq)
-    for frac in (0.01, 0.02, 0.05, 0.1, 0.2):
-        ivf.nprobe = max(1, int(round(nlist * frac)))
+    for nprobe in sweep(nlist):
+        ivf.nprobe = nprobe
         for factor in (5, 10, 20):
             refine.k_factor = factor
             ((_, idx), search_s) = timed(lambda: refine.search(q, K), repeat=2)

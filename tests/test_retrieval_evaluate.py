@@ -124,7 +124,8 @@ def test_scann_recall_on_scifact(scifact_minilm):
 
 @pytest.mark.data
 def test_zero_shot_minilm_scifact(scifact_minilm):
-    """Zero-shot all-MiniLM-L6-v2 at max passage length 128 (the published 0.645 uses 256)."""
+    """Zero-shot all-MiniLM-L6-v2 at max passage length 128: nDCG@10 0.624 measured here (the
+    published 0.645 uses length 256, which this stack reproduces: 0.6451, benchmarks/encode.py)."""
     from md2pr_jax.retrieval.index import exact_search
     from md2pr_jax.retrieval.bm25 import to_run
 
@@ -132,4 +133,4 @@ def test_zero_shot_minilm_scifact(scifact_minilm):
     rows = ds.query_indices("test")
     scores, idx = exact_search(queries[rows], docs, 100)
     m = metrics.evaluate(to_run([ds.query_ids[r] for r in rows], ds.doc_ids, idx, scores), ds.qrels["test"])
-    assert 0.62 <= m["ndcg@10"] <= 0.67, m
+    assert m["ndcg@10"] == pytest.approx(0.624, abs=0.005), m
