@@ -71,7 +71,7 @@ def aggregate(per_seed: list[dict]) -> dict:
 def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str]) -> dict:
     from md2pr_jax import report
     from md2pr_jax.artifacts import write_json
-    from md2pr_jax.controller import Controller
+    from md2pr_jax.controller import Controller, row_name
 
     workdir = os.path.abspath(workdir)
     shared_dir = os.path.join(workdir, "shared")
@@ -93,7 +93,7 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
             for r in range(1, int(config.rounds.num_rounds) + 1):
                 ctl.run_round(r)
             ctl.write_report()
-            res = ctl.results()["rows"]["md2pr"]
+            res = ctl.results()["rows"][row_name(ctl.config)]
             results.append({m: res[m] for m in METRICS})
             logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
         agg = aggregate(results)

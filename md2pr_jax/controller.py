@@ -66,6 +66,16 @@ def planted_check(flagged: np.ndarray, cand: np.ndarray, q_rows: np.ndarray, hid
     }
 
 
+def row_name(config) -> str:
+    """The results-table row a config's student belongs to (md2pr for the full method)."""
+    lc, fc = config.loss, config.filter
+    if fc.enabled:
+        return "md2pr" if fc.dynamic else "static_filter"
+    if lc.use_word:
+        return "de_sent_word"
+    return "de_sent" if lc.use_sent else "de"
+
+
 class Controller:
     """Runs and resumes the stages of one MD2PR experiment in `workdir`."""
 
@@ -422,7 +432,10 @@ class Controller:
         cand_probs = sigmoid(cand_logits)
         prev = self.tau_history()
         tau_prev = prev[-1]["tau"] if prev else float(fc.tau0)
-        tau, tau_hat = update_threshold(fc, tau_prev, pos_probs)
+        if fc.enabled:
+            tau, tau_hat = update_threshold(fc, tau_prev, pos_probs)
+        else:  # no filter: the threshold is not used and does not move
+            tau, tau_hat = tau_prev, float("nan")
         valid = cand >= 0
         flagged = (cand_probs >= tau) & valid if fc.enabled else np.zeros(cand.shape, bool)
         promoted = (cand_probs >= fc.promote_tau) & flagged if fc.promote else np.zeros(cand.shape, bool)
@@ -606,7 +619,7 @@ class Controller:
                            "loss": train.get("mean", {}), "metrics": ev})
             r += 1
         if rounds:
-            rows["md2pr"] = rounds[-1]["metrics"].get(split, {})
+            rows[row_name(self.config)] = rounds[-1]["metrics"].get(split, {})
         return {"split": split, "dataset": self.dataset.name, "rows": rows, "rounds": rounds,
                 "config": self.config.name}
 

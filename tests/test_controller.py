@@ -86,3 +86,11 @@ def test_debug_pipeline_survives_sigkill_mid_round(tmp_path):
     assert "Planted check" in report and "| BM25 (`bm25`)" in report
     for png in ("losses.png", "threshold.png", "metrics.png"):
         assert (work / png).stat().st_size > 1000
+
+
+def test_row_names_follow_the_ablation_switches():
+    from md2pr_jax.ablation import ROWS, row_config
+    from md2pr_jax.controller import row_name
+
+    for row in ROWS:
+        assert row_name(row_config(base_config(), row, 0)) == row
