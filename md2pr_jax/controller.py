@@ -88,13 +88,7 @@ class Controller:
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = shd.make_mesh(config)
         self.main = jax.process_index() == 0
-        # Process 0 builds the TFDS data and the prepared dataset first; the others then load
-        # them (concurrent builds of the same folder race on TFDS's final rename).
-        if self.main:
-            self.dataset = prepare_dataset(config, self.workdir)
-        self.barrier("dataset_prepared")
-        if not self.main:
-            self.dataset = prepare_dataset(config, self.workdir)
+        self.dataset = prepare_dataset(config, self.workdir)  # process 0 builds, the others load
         self.student = student_from_config(config)
         self.teacher = teacher_from_config(config)
         splits = self.dataset.split_queries

@@ -252,8 +252,21 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     """Builds or loads the prepared dataset for `config` (see the module docstring).
 
     `tokenizer` defaults to `md2pr_jax.hf.load_tokenizer(config)`; it must be a fast tokenizer
-    that adds [CLS] ... [SEP].
+    that adds [CLS] ... [SEP]. With several JAX processes sharing the cache folder, process 0
+    builds first and the others load its result (concurrent builds race on TFDS's rename).
     """
+    import jax
+
+    if jax.process_count() == 1:
+        return _prepare_dataset(config, workdir, tokenizer)
+    from jax.experimental import multihost_utils
+
+    result = _prepare_dataset(config, workdir, tokenizer) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("md2pr_prepare_dataset")
+    return result if result is not None else _prepare_dataset(config, workdir, tokenizer)
+
+
+def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     d = config.data
     if not d.dir:
         raise ValueError("config.data.dir is empty; set it (or MD2PR_DATA_DIR) to the folder holding <dataset>/")
