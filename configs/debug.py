@@ -13,9 +13,9 @@ from md2pr_jax.config import base_config, bert_shape
 def get_config():
     c = base_config()
     c.name = "debug"
-    tiny = bert_shape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
-    c.student.bert = tiny
-    c.teacher.bert = bert_shape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
+    tiny = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
+    c.student.bert = bert_shape(**tiny)
+    c.teacher.bert = bert_shape(**tiny)  # its own copy: overriding one leaves the other alone
     c.data.max_query_len = 16
     c.data.max_passage_len = 48
     c.data.max_docs = 300
