@@ -75,7 +75,8 @@ def base_config() -> ConfigDict:
 
     # --- data ---------------------------------------------------------------------------
     c.data = ConfigDict()
-    c.data.dir = os.environ.get("MD2PR_DATA_DIR", "")  # holds <dataset>/ in BEIR layout
+    data_dir = os.environ.get("MD2PR_DATA_DIR", "")
+    c.data.dir = os.path.abspath(data_dir) if data_dir else ""  # holds <dataset>/ in BEIR layout
     c.data.dataset = "scifact"
     c.data.builder = "beir"  # 'beir' | 'msmarco_passage' | 'nq_dpr'
     c.data.cache_dir = ""  # '' = WORKDIR/data
