@@ -32,13 +32,6 @@ ROWS = {
 SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", "rounds/r01/mine", "rounds/r01/score")
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation workdir.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
-_ROWS = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
-_MULTI_SEED_ROWS = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
-
-
 def row_config(config, row: str, seed: int):
     c = config.copy_and_resolve_references()
     for key, value in ROWS[row].items():
@@ -108,6 +101,17 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
     return table
 
 
+def _define_flags():
+    """The command line's flags, defined only when this module runs as a program (the entry
+    point in md2pr_jax.main defines flags of the same names)."""
+    config = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
+    workdir = flags.DEFINE_string("workdir", None, "Ablation workdir.")
+    seeds = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
+    rows = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
+    multi = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
+    return config, workdir, seeds, rows, multi
+
+
 def main(argv) -> None:
     del argv
     from md2pr_jax.config import validate
@@ -127,4 +131,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS = _define_flags()
     app.run(main)
