@@ -115,11 +115,9 @@ def _define_flags():
 def main(argv) -> None:
     del argv
     from md2pr_jax.config import validate
-    from md2pr_jax.main import _QuietLibraries
+    from md2pr_jax.logs import quiet_library_logs
 
-    import logging as py_logging
-
-    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+    quiet_library_logs()
     if _CONFIG.value is None or _WORKDIR.value is None:
         sys.exit("--config and --workdir are required")
     unknown = [r for r in _ROWS.value if r not in ROWS]

@@ -60,18 +60,11 @@ def resolve_mode(mode: str):
     return getattr(importlib.import_module(module), fn)
 
 
-class _QuietLibraries:
-    """Drops the INFO chatter of orbax (several lines per save) from the absl log."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
     del argv
-    import logging as py_logging
+    from md2pr_jax.logs import quiet_library_logs
 
-    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+    quiet_library_logs()
     from md2pr_jax.config import validate
 
     if _CONFIG.value is None or _WORKDIR.value is None:

@@ -94,3 +94,24 @@ def test_row_names_follow_the_ablation_switches():
 
     for row in ROWS:
         assert row_name(row_config(base_config(), row, 0)) == row
+
+
+@pytest.mark.data
+def test_ablation_writes_every_row(tmp_path):
+    work = tmp_path / "abl"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
+         "--workdir", str(work), "--seeds", "0,1", "--config.rounds.num_rounds=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = json.loads((work / "ablation.json").read_text())
+    rows = ("bm25", "zero_shot", "teacher_rerank", "de", "de_sent", "de_sent_word", "md2pr", "static_filter")
+    for row in rows:
+        assert 0.0 <= table[row]["ndcg@10"] <= 1.0
+    assert table["de"]["seeds"] == table["md2pr"]["seeds"] == 2
+    assert len({r["ndcg@10"] for r in table["per_row"]["de"]["per_seed"]}) == 2  # seeds differ
+    # Rows share round 0 and round 1's mining: one teacher, linked into every row.
+    assert os.path.islink(work / "rows" / "md2pr_s1" / "teacher")
+    assert "| MD2PR (+ dynamic filter) (`md2pr`)" in (work / "REPORT.md").read_text()
