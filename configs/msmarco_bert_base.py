@@ -28,56 +28,22 @@ AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --
         668.0}
 """
 
-from md2pr_jax.config import base_config, bert_shape
+from md2pr_jax.config import bert_base_pod_config
 
 
 def get_config():
-    c = base_config()
+    c = bert_base_pod_config()
     c.name = "msmarco_bert_base"
-    c.student.init = "bert-base-uncased"
-    c.student.bert = bert_shape(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
-    c.student.pooling = "cls"
-    c.student.normalize = True
-    c.student.similarity_scale = 20.0
-    c.teacher.init = "bert-large-uncased"
-    c.teacher.bert = bert_shape(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
-
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = True
-
     c.data.builder = "msmarco_passage"
     c.data.dataset = "msmarco"
-    c.data.train_split = "train"
     c.data.eval_split = "dev"
-    c.data.max_query_len = 32
     c.data.max_passage_len = 128
-    c.data.num_negatives = 7
-
-    c.loss.teacher_mode = "online"  # a pod runs the frozen teacher inside the step
-    c.loss.layer_pairs = ((6, 12), (-1, -1))
-    c.loss.word_topk = 1
-
-    c.train.batch_size = 512  # queries per step (x 8 passages each)
-    c.train.lr = 3e-5
     c.train.warmup_steps = 500
     c.train.epochs = 1
     c.train.checkpoint_every = 500
     c.train.log_every = 50
-
-    c.teacher_train.batch_size = 128
-    c.teacher_train.num_negatives = 7
-    c.teacher_train.lr = 1e-5
     c.teacher_train.epochs = 1
     c.teacher_train.warmup_steps = 1000
-
-    c.rounds.num_rounds = 2
-    c.rounds.mine_depth = 200
-    c.retrieval.encode_batch_size = 2048
     c.retrieval.eval_depth = 1000
-
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
     c.aot.topology = "v5e:4x4"
     return c

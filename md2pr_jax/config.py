@@ -174,6 +174,42 @@ def base_config() -> ConfigDict:
     return c
 
 
+def bert_base_pod_config() -> ConfigDict:
+    """What the TPU-pod configs share: a BERT-base student (CLS pooling) distilled from a
+    BERT-large-shaped teacher running online in the step, bf16 compute with remat, global
+    batch 512 x 8 passages, params sharded over an fsdp axis. Each pod config sets its data,
+    schedule and topology on top."""
+    c = base_config()
+    c.student.init = "bert-base-uncased"
+    c.student.bert = bert_shape(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+    c.student.pooling = "cls"
+    c.student.normalize = True
+    c.student.similarity_scale = 20.0
+    c.teacher.init = "bert-large-uncased"
+    c.teacher.bert = bert_shape(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = True
+    c.data.train_split = "train"
+    c.data.max_query_len = 32
+    c.data.num_negatives = 7
+    c.loss.teacher_mode = "online"  # a pod runs the frozen teacher inside the step
+    c.loss.layer_pairs = ((6, 12), (-1, -1))
+    c.loss.word_topk = 1
+    c.train.batch_size = 512  # queries per step (x 8 passages each)
+    c.train.lr = 3e-5
+    c.teacher_train.batch_size = 128
+    c.teacher_train.num_negatives = 7
+    c.teacher_train.lr = 1e-5
+    c.rounds.num_rounds = 2
+    c.rounds.mine_depth = 200
+    c.retrieval.encode_batch_size = 2048
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    return c
+
+
 def _diff_keys(base: ConfigDict, cfg: ConfigDict, prefix: str = "") -> list[str]:
     unknown = []
     for key, value in cfg.items():
