@@ -45,7 +45,7 @@ def make_teacher_step(config, mesh, teacher: nn.Module, total_steps: int):
 
     def loss_fn(params, batch):
         with shd.activation_context(mesh):
-            scores, _ = _scores_with_grad(teacher, params, batch)
+            scores, _ = teacher_forward(teacher, params, batch, (), 1, mesh, frozen=False)
         return list_loss(scores, batch["cand_mask"], float(tcfg.pointwise_weight))
 
     def step(state: TrainState, batch):
@@ -56,15 +56,6 @@ def make_teacher_step(config, mesh, teacher: nn.Module, total_steps: int):
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
     return jax.jit(step, donate_argnums=(0,)), tx
-
-
-def _scores_with_grad(teacher, params, batch):
-    """Like train.step.teacher_forward but differentiable (no stop_gradient): scores [B, C]."""
-    b, c, lp = batch["p_ids"].shape
-    q = jnp.repeat(batch["q_ids"], c, axis=0)
-    qm = jnp.repeat(batch["q_mask"], c, axis=0)
-    logits, _ = teacher.apply({"params": params}, q, qm, batch["p_ids"].reshape(b * c, lp), batch["p_mask"].reshape(b * c, lp))
-    return logits.reshape(b, c), None
 
 
 def init_teacher_state(params, tx, seed: int) -> TrainState:

@@ -53,8 +53,10 @@ def teacher_forward(
     attention_layers: tuple[int, ...],
     k: int,
     mesh: Mesh | None = None,
+    frozen: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Frozen teacher over every (query, candidate) pair of the lists.
+    """The teacher over every (query, candidate) pair of the lists; `frozen` (the student's
+    steps and the scoring pass) stops gradients, `frozen=False` is the teacher's own training.
 
     batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B, C, Lp].
     Returns (scores [B, C] float32, attention [B, P, K, Lq, Lp] bfloat16 for the first K
@@ -72,7 +74,9 @@ def teacher_forward(
     if mesh is not None:
         pairs = jax.lax.with_sharding_constraint(pairs, NamedSharding(mesh, P(shd.BATCH_AXES)))
     logits, attn = teacher.apply({"params": teacher_params}, *pairs, attention_layers=attention_layers)
-    scores = jax.lax.stop_gradient(logits.reshape(b, c).astype(jnp.float32))
+    scores = logits.reshape(b, c).astype(jnp.float32)
+    if frozen:
+        scores = jax.lax.stop_gradient(scores)
     if not attention_layers:
         return scores, None
     n = teacher.cfg["num_layers"]
