@@ -51,6 +51,18 @@ def rounds_table(rounds: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, ax, title: str, path: str) -> str:
+    """Legend, title and layout, then writes the PNG and closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], split: str) -> list[str]:
     """losses.png (per step, rounds concatenated), threshold.png and metrics.png (per round)."""
     import matplotlib
@@ -73,12 +85,7 @@ def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], sp
         ax.axvline(offset, color="0.8", lw=0.5)
     ax.set_xlabel("step (rounds concatenated)")
     ax.set_ylabel("loss")
-    ax.legend()
-    ax.set_title("training losses")
-    fig.tight_layout()
-    files.append(os.path.join(workdir, "losses.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, ax, "training losses", os.path.join(workdir, "losses.png")))
 
     xs = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -87,24 +94,14 @@ def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], sp
     ax.set_xlabel("round")
     ax.set_ylabel("threshold")
     ax.set_xticks(xs)
-    ax.legend()
-    ax.set_title("false-negative threshold")
-    fig.tight_layout()
-    files.append(os.path.join(workdir, "threshold.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, ax, "false-negative threshold", os.path.join(workdir, "threshold.png")))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k in METRICS:
         ax.plot(xs, [r["metrics"].get(split, {}).get(k) for r in rounds], "o-", label=k)
     ax.set_xlabel("round")
     ax.set_xticks(xs)
-    ax.set_title(f"student on {split}")
-    ax.legend()
-    fig.tight_layout()
-    files.append(os.path.join(workdir, "metrics.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, ax, f"student on {split}", os.path.join(workdir, "metrics.png")))
     return files
 
 
