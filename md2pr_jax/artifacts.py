@@ -58,22 +58,21 @@ def load_params(path: str, reference: Any) -> Any:
     return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path, abstract))
 
 
+def saved_or_init(workdir: str, which: str, init: Any, init_source: str) -> tuple[Any, str]:
+    """(params, source): WORKDIR/params/<which> when it exists, else `init`."""
+    path = params_dir(workdir, which)
+    if os.path.isdir(path):
+        return load_params(path, init), path
+    return init, init_source
+
+
 def latest_params(config, workdir: str):
     """(student, teacher, source): the saved params in WORKDIR, else the configured init."""
     from md2pr_jax import hf
 
-    student = hf.init_student_params(config)
-    teacher = hf.init_teacher_params(config)
-    sources = []
-    for name in ("student", "teacher"):
-        path = params_dir(workdir, name)
-        if os.path.isdir(path):
-            if name == "student":
-                student = load_params(path, student)
-            else:
-                teacher = load_params(path, teacher)
-            sources.append(path)
-    return student, teacher, ", ".join(sources) or "configured initialisation"
+    student, s_src = saved_or_init(workdir, "student", hf.init_student_params(config), config.student.init or "random init")
+    teacher, t_src = saved_or_init(workdir, "teacher", hf.init_teacher_params(config), config.teacher.init or "random init")
+    return student, teacher, f"student: {s_src}, teacher: {t_src}"
 
 
 def write_json(path: str, obj: Any) -> None:

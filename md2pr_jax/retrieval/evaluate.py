@@ -109,11 +109,7 @@ def load_student_params(config, workdir: str):
     """(params, source): WORKDIR/params/student when present, else the configured initialisation."""
     from md2pr_jax import artifacts, hf
 
-    params = hf.init_student_params(config)
-    path = artifacts.params_dir(workdir, "student")
-    if os.path.isdir(path):
-        return artifacts.load_params(path, params), path
-    return params, config.student.init or "random init"
+    return artifacts.saved_or_init(workdir, "student", hf.init_student_params(config), config.student.init or "random init")
 
 
 def evaluate_mode(config, workdir: str) -> dict:
