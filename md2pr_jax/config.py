@@ -65,6 +65,13 @@ def base_config() -> ConfigDict:
     c.teacher = ConfigDict()
     c.teacher.init = ""
     c.teacher.bert = bert_shape()
+    # 'cls': pooler + classifier on [CLS] (HF BertForSequenceClassification, exportable as a
+    # sentence-transformers CrossEncoder). 'segment_cosine': scale * cos(mean query tokens,
+    # mean passage tokens) + bias over the joint encoding; from a mean-pooling sentence encoder
+    # it starts as a working ranker (see models/cross_encoder.py).
+    c.teacher.head = "cls"
+    c.teacher.head_scale = 20.0
+    c.teacher.head_bias = -10.0
 
     c.model = ConfigDict()
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU
@@ -255,6 +262,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     choices = {
         "student.pooling": ("mean", "cls"),
         "loss.teacher_mode": ("cached", "online"),
+        "teacher.head": ("cls", "segment_cosine"),
         "data.bad_records": ("error", "skip"),
         "data.builder": ("beir", "msmarco_passage", "nq_dpr"),
         "model.dtype": ("float32", "bfloat16", "float16"),

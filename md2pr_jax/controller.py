@@ -579,15 +579,38 @@ class Controller:
         corpus = self.corpus_embeddings(params, self.path(stage, "corpus_emb"))
         return self.finish(stage, self.evaluate(params, corpus, self.report_splits))
 
+    def timed(self, stage: str, fn, *args):
+        """Runs a stage and records its wall time in WORKDIR/timings.json (stages this process
+        actually ran; a skipped, finished stage keeps the time it took when it ran)."""
+        skipped = self.done(stage)
+        t = time.perf_counter()
+        out = fn(*args)
+        if not skipped and self.main:
+            timings = read_json(self.path("timings.json"), {})
+            timings[stage] = round(time.perf_counter() - t, 1)
+            write_json(self.path("timings.json"), timings)
+        return out
+
+    def round_seconds(self, r: int) -> float | None:
+        """Wall seconds round r's stages took, when all of them ran in recorded time."""
+        timings = read_json(self.path("timings.json"), {})
+        parts = [timings.get(f"rounds/r{r:02d}/{s}") for s in ("mine", "score", "filter", "train", "eval")]
+        return None if any(p is None for p in parts) else float(sum(parts))
+
     def run_round(self, r: int) -> dict:
         t = time.perf_counter()
-        self.mine(r)
-        self.score(r)
-        filt = self.filter_and_examples(r)
-        train = self.train_student(r)
-        ev = self.evaluate_round(r)
+        rr = f"rounds/r{r:02d}"
+        self.timed(f"{rr}/mine", self.mine, r)
+        self.timed(f"{rr}/score", self.score, r)
+        filt = self.timed(f"{rr}/filter", self.filter_and_examples, r)
+        train = self.timed(f"{rr}/train", self.train_student, r)
+        ev = self.timed(f"{rr}/eval", self.evaluate_round, r)
         logging.info("round %d done in %.0f s: tau %.3f, flagged %d, %s", r, time.perf_counter() - t,
                      filt["tau"], filt["flagged"], ev.get(self.eval_split))
+        left = int(self.config.rounds.num_rounds) - r
+        took = self.round_seconds(r)
+        if left > 0 and took is not None:
+            logging.info("estimated time left: %.0f min for %d more round(s) at round %d's pace", left * took / 60, left, r)
         return {"filter": filt, "train": train, "eval": ev}
 
     # ---------------------------------------------------------------- report
@@ -630,8 +653,8 @@ class Controller:
 def teacher_mode(config, workdir: str) -> None:
     """`--mode teacher`: round 0 (baselines, teacher fine-tuning, rerank evaluation)."""
     ctl = Controller(config, workdir)
-    ctl.baselines()
-    ctl.train_teacher()
+    ctl.timed("baselines", ctl.baselines)
+    ctl.timed("teacher", ctl.train_teacher)
     ctl.write_report()
 
 
@@ -649,8 +672,8 @@ def pipeline_mode(config, workdir: str) -> None:
     """`--mode pipeline`: round 0, every student round, then REPORT.md and results.json."""
     t = time.perf_counter()
     ctl = Controller(config, workdir)
-    ctl.baselines()
-    ctl.train_teacher()
+    ctl.timed("baselines", ctl.baselines)
+    ctl.timed("teacher", ctl.train_teacher)
     for r in range(1, int(config.rounds.num_rounds) + 1):
         ctl.run_round(r)
     res = ctl.write_report()

@@ -289,8 +289,15 @@ def init_teacher_params(config, rng: jax.Array | None = None) -> Params:
     folder = resolve_pretrained(config.teacher.init)
     check_shape(read_hf_config(folder), config.teacher.bert, folder, "config.teacher.bert")
     tensors = _read_safetensors(folder)
-    loaded = {"bert": hf_to_bert(tensors, config.teacher.bert.num_layers, folder, pooler=True), "classifier": None}
-    if "classifier.weight" in tensors:
+    loaded = {"bert": hf_to_bert(tensors, config.teacher.bert.num_layers, folder, pooler=True), "classifier": None,
+              "score_head": None}
+    loaded = {k: v for k, v in loaded.items() if k in ref}  # the configured head's parameters only
+    head_file = os.path.join(folder, SCORE_HEAD_FILE)
+    if "score_head" in ref and os.path.exists(head_file):
+        with open(head_file) as f:
+            head = json.load(f)
+        loaded["score_head"] = {"scale": np.float32(head["scale"]), "bias": np.float32(head["bias"])}
+    if "classifier.weight" in tensors and "classifier" in ref:
         if tensors["classifier.weight"].shape[0] != 1:
             raise WeightsError(f"{folder}: classifier has {tensors['classifier.weight'].shape[0]} labels; the teacher needs 1")
         loaded["classifier"] = _linear(tensors, "classifier", folder)
@@ -394,8 +401,28 @@ def export_student(params: Params, config, target: str, tokenizer=None, tower: s
     return target
 
 
+SCORE_HEAD_FILE = "md2pr_score_head.json"
+
+
 def export_teacher(params: Params, config, target: str, tokenizer=None) -> str:
-    """Writes the teacher as a BertForSequenceClassification folder (one label) for CrossEncoder."""
+    """Writes the teacher as a BertForSequenceClassification folder (one label) for CrossEncoder.
+
+    A 'segment_cosine' teacher has no [CLS] classifier that CrossEncoder could run: it is written
+    as a BertModel folder plus `md2pr_score_head.json` (head, scale, bias), which
+    `init_teacher_params` reads back (`config.teacher.init` = the folder).
+    """
+    if "score_head" in params:
+        tensors = bert_to_hf(params["bert"])
+        head = {"head": "segment_cosine", "scale": float(np.asarray(params["score_head"]["scale"])),
+                "bias": float(np.asarray(params["score_head"]["bias"])),
+                "query_len": int(config.data.max_query_len), "passage_len": int(config.data.max_passage_len),
+                "score": "scale * cos(mean of query-segment states, mean of passage-segment states) + bias, "
+                         "over [CLS] q [SEP] p [SEP] encoded jointly"}
+        with _AtomicFolder(target) as tmp:
+            _write_common(tmp, tensors, _bert_config_json(config.teacher.bert, ["BertModel"]), tokenizer)
+            with open(os.path.join(tmp, SCORE_HEAD_FILE), "w") as f:
+                json.dump(head, f, indent=2)
+        return target
     tensors = bert_to_hf(params["bert"], prefix="bert.")
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(params["classifier"]["kernel"], np.float32).T)
     tensors["classifier.bias"] = np.asarray(params["classifier"]["bias"], np.float32)

@@ -82,6 +82,10 @@ def test_debug_pipeline_survives_sigkill_mid_round(tmp_path):
     history = [json.loads(line) for line in open(work / "rounds" / "r01" / "train" / "history.jsonl")]
     steps = sorted({h["step"] for h in history})
     assert steps == list(range(1, steps[-1] + 1))  # every step logged once resumed
+    timings = json.loads((work / "timings.json").read_text())
+    # Stage times survive the kill: round 1's mining ran in the first process, round 2 in the second.
+    assert timings["rounds/r01/mine"] > 0 and timings["rounds/r02/train"] > 0 and timings["teacher"] > 0
+    assert "estimated time left" in out.stderr
     report = (work / "REPORT.md").read_text()
     assert "Planted check" in report and "| BM25 (`bm25`)" in report
     for png in ("losses.png", "threshold.png", "metrics.png"):

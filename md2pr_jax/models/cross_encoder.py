@@ -32,9 +32,19 @@ def pair_inputs(q_ids: Array, q_mask: Array, p_ids: Array, p_mask: Array):
 
 
 class CrossEncoder(nn.Module):
-    """BERT + pooler + one-logit classifier (HF BertForSequenceClassification, num_labels=1)."""
+    """BERT over the pair + a score head.
+
+    head 'cls': pooler + one-logit classifier (HF BertForSequenceClassification, num_labels=1).
+    head 'segment_cosine': `scale * cos(mean(query tokens), mean(passage tokens)) + bias`, the
+      means taken over the two segments of the *joint* encoding. Initialised from a mean-pooling
+      sentence encoder, it starts as that encoder's similarity with cross-attention added, so
+      fine-tuning begins from a working ranker instead of a random [CLS] head.
+    """
 
     cfg: dict
+    head: str = "cls"
+    head_scale: float = 20.0  # initial scale and bias of the segment_cosine head
+    head_bias: float = -10.0
 
     @nn.compact
     def __call__(
@@ -55,5 +65,34 @@ class CrossEncoder(nn.Module):
             attention_block=(lq, lq + lp),
             attention_layers=attention_layers,
         )
-        logit = _dense(1, (EMBED, None), self.cfg, "classifier")(out["pooled"])
-        return logit[:, 0].astype(jnp.float32), out["attn"]
+        if self.head == "cls":
+            logit = _dense(1, (EMBED, None), self.cfg, "classifier")(out["pooled"])[:, 0]
+        elif self.head == "segment_cosine":
+            logit = segment_cosine_head(out["last"], mask, lq, self.head_scale, self.head_bias)
+        else:
+            raise ValueError(f"unknown teacher head {self.head!r}; use 'cls' or 'segment_cosine'")
+        return logit.astype(jnp.float32), out["attn"]
+
+
+class _ScaleBias(nn.Module):
+    scale: float
+    bias: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.scale), ()), ())
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.constant(self.bias), ()), ())
+        return s * x + b
+
+
+def segment_mean(states: Array, mask: Array) -> Array:
+    """Masked mean over the length axis: states [B, L, D], mask [B, L] -> [B, D] float32."""
+    m = mask.astype(jnp.float32)[..., None]
+    return (states.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+def segment_cosine_head(last: Array, mask: Array, lq: int, scale: float, bias: float) -> Array:
+    q = segment_mean(last[:, :lq], mask[:, :lq])
+    p = segment_mean(last[:, lq:], mask[:, lq:])
+    cos = (q * p).sum(-1) / (jnp.linalg.norm(q, axis=-1) * jnp.linalg.norm(p, axis=-1) + 1e-6)
+    return _ScaleBias(scale, bias, name="score_head")(cos)
