@@ -52,6 +52,64 @@ def link_shared(shared: str, rowdir: str) -> None:
         os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
 
 
+# Keys that may differ between a finished pipeline run and the ablation reusing it.
+REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    d = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as in the saved config.json
+    for key in REUSE_FREE_KEYS:
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return d
+
+
+def reuse_run(config, source: str, workdir: str) -> list[str]:
+    """Links a finished pipeline run's stages into the ablation (`--reuse_from`): round 0 and
+    round 1's mining and teacher pass into WORKDIR/shared, and every finished round into the
+    row whose config is the run's own (same row, same seed). The run must have used the same
+    config up to its name and number of rounds; anything else is refused."""
+    source = os.path.abspath(source)
+    saved = os.path.join(source, "config.json")
+    if not os.path.exists(saved):
+        raise SystemExit(f"--reuse_from {source}: no config.json there (not a pipeline workdir)")
+    with open(saved) as f:
+        theirs = _comparable(json.load(f))
+    ours = _comparable(json.loads(config.to_json_best_effort()))
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise SystemExit(f"--reuse_from {source}: its config differs from this one in {diff}; "
+                         "only the name and rounds.num_rounds may differ")
+    shared = os.path.join(workdir, "shared")
+    linked = [_link(source, shared, stage) for stage in SHARED_STAGES if _finished(source, stage)]
+    row = next((r for r in ROWS if _comparable(row_config(config, r, config.train.seed).to_dict()) ==
+                _comparable(config.to_dict())), None)
+    if row is not None:
+        rowdir = os.path.join(workdir, "rows", f"{row}_s{config.train.seed}")
+        for r in range(1, int(config.rounds.num_rounds) + 1):
+            stages = [f"rounds/r{r:02d}/{s}" for s in ("mine", "score", "filter", "train", "eval")]
+            if all(_finished(source, st) for st in stages):
+                linked += [_link(source, rowdir, st) for st in stages + [f"rounds/r{r:02d}/student"]]
+    return [x for x in linked if x]
+
+
+def _finished(source: str, stage: str) -> bool:
+    path = os.path.join(source, stage)
+    return os.path.exists(os.path.join(path, "DONE")) or (stage in ("data", "params/teacher") and os.path.isdir(path))
+
+
+def _link(source: str, target_root: str, stage: str) -> str | None:
+    src, dst = os.path.join(source, stage), os.path.join(target_root, stage)
+    if os.path.lexists(dst) or not os.path.exists(src):
+        return None
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.symlink(src, dst)
+    return stage
+
+
 def aggregate(per_seed: list[dict]) -> dict:
     out: dict = {"seeds": len(per_seed)}
     for m in METRICS:
@@ -61,12 +119,15 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
-def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str]) -> dict:
+def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str],
+        reuse_from: str | None = None) -> dict:
     from md2pr_jax import report
     from md2pr_jax.artifacts import write_json
     from md2pr_jax.controller import Controller, row_name
 
     workdir = os.path.abspath(workdir)
+    if reuse_from:
+        logging.info("reusing from %s: %s", reuse_from, reuse_run(config, reuse_from, workdir))
     shared_dir = os.path.join(workdir, "shared")
     base = Controller(config, shared_dir)
     base.baselines()
@@ -109,7 +170,9 @@ def _define_flags():
     seeds = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
     rows = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
     multi = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
-    return config, workdir, seeds, rows, multi
+    reuse = flags.DEFINE_string("reuse_from", None, "A finished `--mode pipeline` workdir of the same config: its round 0, "
+                                "round-1 mining and teacher pass, and its own row's rounds are linked, not rerun.")
+    return config, workdir, seeds, rows, multi, reuse
 
 
 def main(argv) -> None:
@@ -124,10 +187,11 @@ def main(argv) -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     config = validate(_CONFIG.value)
-    table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value)
+    table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value,
+                _REUSE_FROM.value)
     print(json.dumps(table))
 
 
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS = _define_flags()
+    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM = _define_flags()
     app.run(main)

@@ -119,3 +119,32 @@ def test_ablation_writes_every_row(tmp_path):
     # Rows share round 0 and round 1's mining: one teacher, linked into every row.
     assert os.path.islink(work / "rows" / "md2pr_s1" / "teacher")
     assert "| MD2PR (+ dynamic filter) (`md2pr`)" in (work / "REPORT.md").read_text()
+
+
+@pytest.mark.data
+def test_ablation_reuses_a_finished_run(tmp_path):
+    """--reuse_from links a finished run's round 0, round-1 mining and teacher pass, and the
+    rounds of the row that is the run's own config; nothing of those is recomputed. A run of
+    another config is refused."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
+            "--config.rounds.num_rounds=1", "--seeds", "0"]
+    first = tmp_path / "first"
+    out = subprocess.run([*base, "--workdir", str(first), "--rows", "md2pr"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = first / "rows" / "md2pr_s0"  # a finished single-config workdir, as --mode pipeline leaves
+    second = tmp_path / "second"
+    out = subprocess.run([*base, "--workdir", str(second), "--rows", "md2pr", "--reuse_from", str(run)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.islink(second / "shared" / "teacher") and os.path.islink(second / "shared" / "rounds" / "r01" / "score")
+    assert os.path.islink(second / "rows" / "md2pr_s0" / "rounds" / "r01" / "train")
+    assert not (second / "rows" / "md2pr_s0" / "timings.json").exists()  # no stage of the row ran
+    a = json.loads((first / "ablation.json").read_text())["md2pr"]
+    b = json.loads((second / "ablation.json").read_text())["md2pr"]
+    assert a["ndcg@10"] == b["ndcg@10"]
+
+    out = subprocess.run([*base, "--workdir", str(tmp_path / "third"), "--rows", "md2pr", "--reuse_from", str(run),
+                          "--config.loss.alpha=2.0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode != 0 and "loss" in out.stderr and "only the name and rounds.num_rounds may differ" in out.stderr
