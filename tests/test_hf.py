@@ -68,8 +68,8 @@ def test_export_round_trip(tmp_path, which):
     if which == "tiny":
         cfg = make_tiny_config()
         cfg.data.max_query_len, cfg.data.max_passage_len = 16, 32
-    else:
-        cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"))
+    else:  # the CrossEncoder export is the `cls` head's (segment_cosine: the test below)
+        cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["teacher.head=cls"])
     student = hf.init_student_params(cfg, jax.random.PRNGKey(3))
     teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(4))
     tok = hf.load_tokenizer(cfg)
@@ -222,3 +222,29 @@ def test_unknown_teacher_head_is_named():
     cfg = make_tiny_config(**{"teacher.head": "maxsim"})
     with pytest.raises(ConfigError, match="teacher.head"):
         validate(cfg)
+
+
+@pytest.mark.data
+def test_segment_cosine_teacher_export_matches_hf_on_the_packed_pair(tmp_path):
+    """The exported segment_cosine teacher, run by transformers' BertModel on the packed pair
+    `[CLS] q [SEP] p [SEP]`, gives our scores from the segment means (token type 0 vs 1)."""
+    from transformers import AutoModel
+
+    cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"))
+    assert cfg.teacher.head == "segment_cosine"
+    teacher = hf.init_teacher_params(cfg)
+    tok = hf.load_tokenizer(cfg)
+    t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
+    head = json.load(open(os.path.join(t_dir, hf.SCORE_HEAD_FILE)))
+    pairs = [(q, p) for q in QUERIES for p in PASSAGES]
+    ours = _jax_scores(cfg, teacher, tok, pairs)
+    enc = tok([q for q, _ in pairs], [p for _, p in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(t_dir)(**enc).last_hidden_state.numpy()
+    real = enc["attention_mask"].numpy()[..., None].astype(np.float32)
+    seg = enc["token_type_ids"].numpy()[..., None]
+    q = (hidden * real * (seg == 0)).sum(1) / (real * (seg == 0)).sum(1)
+    p = (hidden * real * (seg == 1)).sum(1) / (real * (seg == 1)).sum(1)
+    cos = (q * p).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(p, axis=-1)
+    np.testing.assert_allclose(ours, head["scale"] * cos + head["bias"], atol=1e-3)
+    assert np.std(ours) > 0.1
