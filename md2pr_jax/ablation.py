@@ -45,11 +45,7 @@ def row_config(config, row: str, seed: int):
 def link_shared(shared: str, rowdir: str) -> None:
     """Points a row's shared stages at WORKDIR/shared (relative symlinks)."""
     for stage in SHARED_STAGES:
-        src, dst = os.path.join(shared, stage), os.path.join(rowdir, stage)
-        if os.path.lexists(dst) or not os.path.exists(src):
-            continue
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
+        _link(shared, rowdir, stage)
 
 
 # Keys that may differ between a finished pipeline run and the ablation reusing it.
@@ -72,6 +68,8 @@ def reuse_run(config, source: str, workdir: str) -> list[str]:
     round 1's mining and teacher pass into WORKDIR/shared, and every finished round into the
     row whose config is the run's own (same row, same seed). The run must have used the same
     config up to its name and number of rounds; anything else is refused."""
+    from md2pr_jax.controller import ROUND_STAGES
+
     source = os.path.abspath(source)
     saved = os.path.join(source, "config.json")
     if not os.path.exists(saved):
@@ -90,7 +88,7 @@ def reuse_run(config, source: str, workdir: str) -> list[str]:
     if row is not None:
         rowdir = os.path.join(workdir, "rows", f"{row}_s{config.train.seed}")
         for r in range(1, int(config.rounds.num_rounds) + 1):
-            stages = [f"rounds/r{r:02d}/{s}" for s in ("mine", "score", "filter", "train", "eval")]
+            stages = [f"rounds/r{r:02d}/{s}" for s in ROUND_STAGES]
             if all(_finished(source, st) for st in stages):
                 linked += [_link(source, rowdir, st) for st in stages + [f"rounds/r{r:02d}/student"]]
     return [x for x in linked if x]
@@ -102,11 +100,13 @@ def _finished(source: str, stage: str) -> bool:
 
 
 def _link(source: str, target_root: str, stage: str) -> str | None:
+    """target_root/stage -> source/stage as a relative symlink, unless it exists already or
+    the source does not; returns the stage when linked."""
     src, dst = os.path.join(source, stage), os.path.join(target_root, stage)
     if os.path.lexists(dst) or not os.path.exists(src):
         return None
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.symlink(src, dst)
+    os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
     return stage
 
 

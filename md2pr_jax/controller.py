@@ -33,6 +33,7 @@ from md2pr_jax import sharding as shd
 from md2pr_jax.artifacts import read_json, write_json
 
 ROW_KEYS = ("ndcg@10", "mrr@10", "recall@100")
+ROUND_STAGES = ("mine", "score", "filter", "train", "eval")  # the stages of a round, in order
 
 
 def sigmoid(x):
@@ -594,7 +595,7 @@ class Controller:
     def round_seconds(self, r: int) -> float | None:
         """Wall seconds round r's stages took, when all of them ran in recorded time."""
         timings = read_json(self.path("timings.json"), {})
-        parts = [timings.get(f"rounds/r{r:02d}/{s}") for s in ("mine", "score", "filter", "train", "eval")]
+        parts = [timings.get(f"rounds/r{r:02d}/{s}") for s in ROUND_STAGES]
         return None if any(p is None for p in parts) else float(sum(parts))
 
     def run_round(self, r: int) -> dict:

@@ -180,7 +180,7 @@ def test_export_mode_cli_writes_loadable_student(tmp_path):
 def test_segment_cosine_teacher_round_trip_and_score(tmp_path):
     """The segment_cosine head: its score is scale * cos(segment means) + bias of the joint
     encoding, and its export (BertModel + score-head file) loads back tensor for tensor."""
-    from md2pr_jax.models.cross_encoder import pair_inputs, segment_mean
+    from md2pr_jax.models import pair_inputs, pool
 
     cfg = make_tiny_config(**{"teacher.head": "segment_cosine", "teacher.head_scale": 7.0, "teacher.head_bias": -2.0})
     teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(0))
@@ -199,8 +199,8 @@ def test_segment_cosine_teacher_round_trip_and_score(tmp_path):
     bert = Bert(teacher_from_config(cfg).cfg, add_pooler=True)
     last = np.asarray(bert.apply({"params": teacher["bert"]}, ids, mask, type_ids, pos_ids)["last"])
     lq = cfg.data.max_query_len
-    q = np.asarray(segment_mean(last[:, :lq], mask[:, :lq]))
-    p = np.asarray(segment_mean(last[:, lq:], mask[:, lq:]))
+    q = np.asarray(pool(last[:, :lq], mask[:, :lq], "mean"))
+    p = np.asarray(pool(last[:, lq:], mask[:, lq:], "mean"))
     cos = (q * p).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(p, axis=-1)
     np.testing.assert_allclose(scores, 5.5 * cos - 1.25, atol=1e-4)
     assert np.std(scores) > 0

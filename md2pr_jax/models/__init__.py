@@ -17,8 +17,8 @@ def student_from_config(config, deterministic: bool = True) -> DualEncoder:
 
 def teacher_from_config(config, deterministic: bool = True) -> CrossEncoder:
     t = config.teacher
-    return CrossEncoder(bert_module_config(t.bert, config.model, deterministic), head=t.get("head", "cls"),
-                        head_scale=float(t.get("head_scale", 20.0)), head_bias=float(t.get("head_bias", -10.0)))
+    return CrossEncoder(bert_module_config(t.bert, config.model, deterministic), head=t.head,
+                        head_scale=float(t.head_scale), head_bias=float(t.head_bias))
 
 
 __all__ = [

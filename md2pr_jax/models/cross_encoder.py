@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from md2pr_jax.models.bert import EMBED, Bert, _dense
+from md2pr_jax.models.dual_encoder import pool
 
 Array = jax.Array
 
@@ -85,14 +86,8 @@ class _ScaleBias(nn.Module):
         return s * x + b
 
 
-def segment_mean(states: Array, mask: Array) -> Array:
-    """Masked mean over the length axis: states [B, L, D], mask [B, L] -> [B, D] float32."""
-    m = mask.astype(jnp.float32)[..., None]
-    return (states.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-
-
 def segment_cosine_head(last: Array, mask: Array, lq: int, scale: float, bias: float) -> Array:
-    q = segment_mean(last[:, :lq], mask[:, :lq])
-    p = segment_mean(last[:, lq:], mask[:, lq:])
+    q = pool(last[:, :lq], mask[:, :lq], "mean")
+    p = pool(last[:, lq:], mask[:, lq:], "mean")
     cos = (q * p).sum(-1) / (jnp.linalg.norm(q, axis=-1) * jnp.linalg.norm(p, axis=-1) + 1e-6)
     return _ScaleBias(scale, bias, name="score_head")(cos)
