@@ -64,16 +64,19 @@ def _comparable(cfg_dict: dict) -> dict:
 
 
 def reuse_run(config, source: str, workdir: str) -> list[str]:
-    """Links a finished pipeline run's stages into the ablation (`--reuse_from`): round 0 and
-    round 1's mining and teacher pass into WORKDIR/shared, and every finished round into the
-    row whose config is the run's own (same row, same seed). The run must have used the same
-    config up to its name and number of rounds; anything else is refused."""
-    from md2pr_jax.controller import ROUND_STAGES
-
+    """Links finished stages of an earlier run into this ablation (`--reuse_from`), instead of
+    recomputing them. The source is either a `--mode pipeline` workdir or an ablation workdir.
+    Its round 0 and round 1's mining and teacher pass go to WORKDIR/shared; every finished
+    round of a row goes to the same row and seed here: for a pipeline workdir, the row whose
+    config is the run's own; for an ablation workdir, each of its rows. The source must have
+    used the same config up to its name and number of rounds; anything else is refused. So a
+    2-round ablation can extend a 1-round one, running only round 2 of each row."""
     source = os.path.abspath(source)
-    saved = os.path.join(source, "config.json")
+    is_ablation = os.path.isdir(os.path.join(source, "rows"))
+    base = os.path.join(source, "shared") if is_ablation else source
+    saved = os.path.join(base, "config.json")
     if not os.path.exists(saved):
-        raise SystemExit(f"--reuse_from {source}: no config.json there (not a pipeline workdir)")
+        raise SystemExit(f"--reuse_from {source}: no config.json there (neither a pipeline nor an ablation workdir)")
     with open(saved) as f:
         theirs = _comparable(json.load(f))
     ours = _comparable(json.loads(config.to_json_best_effort()))
@@ -81,17 +84,28 @@ def reuse_run(config, source: str, workdir: str) -> list[str]:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise SystemExit(f"--reuse_from {source}: its config differs from this one in {diff}; "
                          "only the name and rounds.num_rounds may differ")
-    shared = os.path.join(workdir, "shared")
-    linked = [_link(source, shared, stage) for stage in SHARED_STAGES if _finished(source, stage)]
-    row = next((r for r in ROWS if _comparable(row_config(config, r, config.train.seed).to_dict()) ==
-                _comparable(config.to_dict())), None)
-    if row is not None:
-        rowdir = os.path.join(workdir, "rows", f"{row}_s{config.train.seed}")
-        for r in range(1, int(config.rounds.num_rounds) + 1):
-            stages = [f"rounds/r{r:02d}/{s}" for s in ROUND_STAGES]
-            if all(_finished(source, st) for st in stages):
-                linked += [_link(source, rowdir, st) for st in stages + [f"rounds/r{r:02d}/student"]]
+    linked = [_link(base, os.path.join(workdir, "shared"), stage) for stage in SHARED_STAGES if _finished(base, stage)]
+    if is_ablation:
+        row_dirs = [(os.path.join(source, "rows", name), name) for name in sorted(os.listdir(os.path.join(source, "rows")))]
+    else:
+        row = next((r for r in ROWS if _comparable(row_config(config, r, config.train.seed).to_dict()) ==
+                    _comparable(config.to_dict())), None)
+        row_dirs = [] if row is None else [(source, f"{row}_s{config.train.seed}")]
+    for src, name in row_dirs:
+        linked += _link_rounds(config, src, os.path.join(workdir, "rows", name))
     return [x for x in linked if x]
+
+
+def _link_rounds(config, source: str, rowdir: str) -> list[str | None]:
+    """Links each round of `source` whose stages all finished, up to the configured number."""
+    from md2pr_jax.controller import ROUND_STAGES
+
+    linked: list[str | None] = []
+    for r in range(1, int(config.rounds.num_rounds) + 1):
+        stages = [f"rounds/r{r:02d}/{s}" for s in ROUND_STAGES]
+        if all(_finished(source, st) for st in stages):
+            linked += [_link(source, rowdir, st) for st in stages + [f"rounds/r{r:02d}/student"]]
+    return linked
 
 
 def _finished(source: str, stage: str) -> bool:
@@ -120,14 +134,14 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 
 def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str],
-        reuse_from: str | None = None) -> dict:
+        reuse_from: list[str] = ()) -> dict:
     from md2pr_jax import report
     from md2pr_jax.artifacts import write_json
     from md2pr_jax.controller import Controller, row_name
 
     workdir = os.path.abspath(workdir)
-    if reuse_from:
-        logging.info("reusing from %s: %s", reuse_from, reuse_run(config, reuse_from, workdir))
+    for source in reuse_from:  # the first source to hold a stage wins
+        logging.info("reusing from %s: %s", source, reuse_run(config, source, workdir))
     shared_dir = os.path.join(workdir, "shared")
     base = Controller(config, shared_dir)
     base.baselines()
@@ -170,8 +184,9 @@ def _define_flags():
     seeds = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
     rows = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
     multi = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
-    reuse = flags.DEFINE_string("reuse_from", None, "A finished `--mode pipeline` workdir of the same config: its round 0, "
-                                "round-1 mining and teacher pass, and its own row's rounds are linked, not rerun.")
+    reuse = flags.DEFINE_list("reuse_from", [], "Earlier workdirs of the same config (`--mode pipeline` or ablation), "
+                              "comma-separated: their round 0, round-1 mining and teacher pass, and their rows' finished "
+                              "rounds are linked, not rerun; the first to hold a stage wins.")
     return config, workdir, seeds, rows, multi, reuse
 
 

@@ -125,7 +125,8 @@ def test_ablation_writes_every_row(tmp_path):
 def test_ablation_reuses_a_finished_run(tmp_path):
     """--reuse_from links a finished run's round 0, round-1 mining and teacher pass, and the
     rounds of the row that is the run's own config; nothing of those is recomputed. A run of
-    another config is refused."""
+    another config is refused. An ablation workdir can be the source too, its rows' rounds
+    linked row by row."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     base = [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
             "--config.rounds.num_rounds=1", "--seeds", "0"]
@@ -148,3 +149,14 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     out = subprocess.run([*base, "--workdir", str(tmp_path / "third"), "--rows", "md2pr", "--reuse_from", str(run),
                           "--config.loss.alpha=2.0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode != 0 and "loss" in out.stderr and "only the name and rounds.num_rounds may differ" in out.stderr
+
+    # An ablation workdir as the source: a 2-round ablation extends the 1-round one, running round 2 only.
+    fourth = tmp_path / "fourth"
+    out = subprocess.run([*base, "--workdir", str(fourth), "--rows", "md2pr", "--reuse_from", str(first),
+                          "--config.rounds.num_rounds=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = fourth / "rows" / "md2pr_s0"
+    assert os.path.islink(row / "rounds" / "r01" / "train") and os.path.islink(fourth / "shared" / "teacher")
+    ran = json.loads((row / "timings.json").read_text())
+    assert "rounds/r02/train" in ran and "rounds/r01/train" not in ran
+    assert json.loads((fourth / "ablation.json").read_text())["md2pr"]["ndcg@10"] != a["ndcg@10"]  # round 2's metric

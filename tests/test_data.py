@@ -85,6 +85,11 @@ def test_second_build_reuses_cache(tmp_path, tokenizer):
     second = prepare_dataset(config, str(tmp_path / "wd"), tokenizer=tokenizer)
     assert not first.from_cache and second.from_cache and second.path == first.path
     assert {f: os.stat(os.path.join(first.path, f)).st_mtime_ns for f in os.listdir(first.path)} == stamps
+    # A workdir whose data/ links to this one's (as the ablation's rows do) reuses it too.
+    os.makedirs(tmp_path / "row")
+    os.symlink(tmp_path / "wd" / "data", tmp_path / "row" / "data")
+    linked = prepare_dataset(config, str(tmp_path / "row"), tokenizer=tokenizer)
+    assert linked.from_cache and os.listdir(tmp_path / "wd" / "data" / "prepared") == [os.path.basename(first.path)]
     # A changed source file is noticed: the build and the preparation are redone.
     with open(tmp_path / "src" / "toy" / "qrels" / "test.tsv", "a") as f:
         f.write("t0\td7\t1\n")

@@ -311,9 +311,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _build_stamp(data_dir: str) -> str:
-    """Changes whenever the TFDS build is redone (its source stamp is rewritten)."""
+    """Changes whenever the TFDS build is redone (its source stamp is rewritten). The real
+    path, so a workdir whose data/ links to another's (the ablation's rows) reuses its
+    prepared folder instead of preparing a copy."""
     st = os.stat(os.path.join(data_dir, "md2pr_source.json"))
-    return f"{data_dir}:{st.st_mtime_ns}"
+    return f"{os.path.realpath(data_dir)}:{st.st_mtime_ns}"
 
 
 def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fields: dict) -> None:
