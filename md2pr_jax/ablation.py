@@ -153,26 +153,31 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
     shown = {k: dict(v) for k, v in table.items()}
     per_row: dict[str, dict] = {}
     for row in rows:
-        results = []
+        results, extras = [], []
         for seed in seeds if row in multi_seed_rows else seeds[:1]:
             rowdir = os.path.join(workdir, "rows", f"{row}_s{seed}")
             link_shared(shared_dir, rowdir)
             ctl = Controller(row_config(config, row, seed), rowdir)
             for r in range(1, int(config.rounds.num_rounds) + 1):
                 ctl.run_round(r)
-            ctl.write_report()
-            res = ctl.results()["rows"][row_name(ctl.config)]
-            results.append({m: res[m] for m in METRICS})
+            res = ctl.write_report()
+            last = res["rounds"][-1]
+            results.append({m: res["rows"][row_name(ctl.config)][m] for m in METRICS})
+            # the other held-out splits (dev: where choices are made) and the last round's filter
+            extras.append({"tau": last["tau"], "flagged": last["flagged"],
+                           **{s: {m: v[m] for m in METRICS} for s, v in last["metrics"].items() if s != res["split"] and isinstance(v, dict)}})
             logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
         agg = aggregate(results)
         table[row] = agg
-        per_row[row] = {"per_seed": results, **agg}
+        splits = sorted(set.intersection(*(set(x) for x in extras)) - {"tau", "flagged"})
+        per_row[row] = {"per_seed": [{**r, **x} for r, x in zip(results, extras)], **agg,
+                        **{s: aggregate([x[s] for x in extras]) for s in splits}}
         shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
                       for m in METRICS}
         write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
     write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
     report.write(workdir, {"split": base.eval_split, "dataset": base.dataset.name, "rows": shown, "rounds": []}, {},
-                 title=f"{config.name} ablation")
+                 title=f"{config.name} ablation, {int(config.rounds.num_rounds)} student round(s) per row")
     return table
 
 

@@ -106,11 +106,16 @@ def test_ablation_writes_every_row(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
-         "--workdir", str(work), "--seeds", "0,1", "--config.rounds.num_rounds=1"],
+         "--workdir", str(work), "--seeds", "0,1", "--config.rounds.num_rounds=1", "--config.data.dev_fraction=0.25"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = json.loads((work / "ablation.json").read_text())
+    # Each row also carries the dev split (where choices are made) and its last round's filter.
+    per_row = table["per_row"]
+    assert per_row["md2pr"]["dev"]["seeds"] == 2 and 0.0 <= per_row["md2pr"]["dev"]["ndcg@10"] <= 1.0
+    assert [s["flagged"] for s in per_row["de"]["per_seed"]] == [0, 0]  # DE has no filter
+    assert per_row["static_filter"]["per_seed"][0]["tau"] == pytest.approx(0.9)  # filter.tau0, never moved
     rows = ("bm25", "zero_shot", "teacher_rerank", "de", "de_sent", "de_sent_word", "md2pr", "static_filter")
     for row in rows:
         assert 0.0 <= table[row]["ndcg@10"] <= 1.0
