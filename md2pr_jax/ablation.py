@@ -137,7 +137,7 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
         reuse_from: list[str] = ()) -> dict:
     from md2pr_jax import report
     from md2pr_jax.artifacts import write_json
-    from md2pr_jax.controller import Controller, row_name
+    from md2pr_jax.controller import Controller
 
     workdir = os.path.abspath(workdir)
     for source in reuse_from:  # the first source to hold a stage wins
@@ -153,7 +153,7 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
     shown = {k: dict(v) for k, v in table.items()}
     per_row: dict[str, dict] = {}
     for row in rows:
-        results, extras = [], []
+        results = []
         for seed in seeds if row in multi_seed_rows else seeds[:1]:
             rowdir = os.path.join(workdir, "rows", f"{row}_s{seed}")
             link_shared(shared_dir, rowdir)
@@ -162,16 +162,15 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
                 ctl.run_round(r)
             res = ctl.write_report()
             last = res["rounds"][-1]
-            results.append({m: res["rows"][row_name(ctl.config)][m] for m in METRICS})
-            # the other held-out splits (dev: where choices are made) and the last round's filter
-            extras.append({"tau": last["tau"], "flagged": last["flagged"],
-                           **{s: {m: v[m] for m in METRICS} for s, v in last["metrics"].items() if s != res["split"] and isinstance(v, dict)}})
+            by_split = {s: {m: v[m] for m in METRICS} for s, v in last["metrics"].items() if isinstance(v, dict)}
+            # the eval split's metrics, the last round's filter, and the other held-out splits
+            # (dev: where choices are made) under their names
+            results.append({**by_split.pop(res["split"]), "tau": last["tau"], "flagged": last["flagged"], **by_split})
             logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
         agg = aggregate(results)
         table[row] = agg
-        splits = sorted(set.intersection(*(set(x) for x in extras)) - {"tau", "flagged"})
-        per_row[row] = {"per_seed": [{**r, **x} for r, x in zip(results, extras)], **agg,
-                        **{s: aggregate([x[s] for x in extras]) for s in splits}}
+        other_splits = [s for s, v in results[0].items() if isinstance(v, dict)]
+        per_row[row] = {"per_seed": results, **agg, **{s: aggregate([r[s] for r in results]) for s in other_splits}}
         shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
                       for m in METRICS}
         write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
