@@ -114,9 +114,11 @@ def test_scann_recall_on_scifact(scifact_minilm):
     from md2pr_jax.retrieval.index import ann_recall, build_index
 
     _, cfg, docs, queries = scifact_minilm
-    # 24 of the 72 leaves: on this small corpus, whose queries (claims) sit away from the
-    # documents' clusters, the default 8 leaves give recall@10 0.94.
-    cfg.retrieval.scann_leaves_to_search = 24
+    # 32 of the 72 leaves: on this small corpus, whose queries (claims) sit away from the
+    # documents' clusters, the default 8 leaves give recall@10 0.94. The tree's k-means is not
+    # deterministic: over repeated builds 24 leaves gave 0.990-0.994 (one CI run 0.9898), 32
+    # leaves 0.9965-0.9981, so 32 keeps the bar below from failing by chance.
+    cfg.retrieval.scann_leaves_to_search = 32
     index = build_index(docs, cfg.retrieval, depth=10, force="scann")
     recall = ann_recall(index, queries, docs, 10)
     assert recall >= 0.99, (recall, index.params)
