@@ -43,6 +43,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from md2pr_jax import hf
+    from md2pr_jax.params import init_student_params
     from md2pr_jax.config import MINILM_ID, base_config
     from md2pr_jax.data import prepare_dataset
     from md2pr_jax.models import student_from_config
@@ -58,7 +59,7 @@ def main() -> None:
     texts = [ds.doc_texts[i] for i in rows]
     tokens = CallableTokens(ds.doc_tokens, ds.doc_lengths)
 
-    params = hf.init_student_params(cfg)
+    params = init_student_params(cfg)
     student = student_from_config(cfg)
     fn = student_apply_fn(student, params, "passage")
     kw = dict(batch_size=args.batch_size, max_len=args.max_len, progress=False)

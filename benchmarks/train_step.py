@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
 
     params = None
     if not args.random_init:
-        from md2pr_jax.hf import init_student_params
+        from md2pr_jax.params import init_student_params
 
         params = init_student_params(bench_config(False, True, args.dropout))
     result["student_weights"] = "pretrained" if params is not None else "random"

@@ -15,9 +15,8 @@
 #   --config F           experiment config (default configs/debug.py)
 #   --workdir D          workdir on the workers (required for run). Every worker must see the
 #                        same one (process 0 writes stage files the others read): a gs:// path,
-#                        passed through unchanged, or a shared mount (gcsfuse, Filestore).
-#                        NOTE: md2pr_jax/controller.py still uses os.path/open for its stage
-#                        files, so today only a shared mount works; gs:// needs epath there.
+#                        passed through unchanged (every stage file goes through etils.epath),
+#                        or a shared mount (gcsfuse, Filestore).
 #   --mode M             md2pr_jax.main --mode (default pipeline)
 #   --extra "ARGS"       more md2pr_jax.main arguments, e.g. "--config.rounds.num_rounds=1"
 #   --env K=V            environment variable for the job on every worker (repeatable),

@@ -21,16 +21,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# row -> config overrides on top of the experiment config
-ROWS = {
-    "de": {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False},
-    "de_sent": {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False},
-    "de_sent_word": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": False},
-    "md2pr": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": True},
-    "static_filter": {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False},
-}
-SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", "rounds/r01/mine", "rounds/r01/score")
-METRICS = ("ndcg@10", "mrr@10", "recall@100")
+from md2pr_jax import artifacts, report
+from md2pr_jax.rounds.layout import SHARED_STAGES, Layout, linkable, round_stage, round_stages
+
+ROWS = report.STUDENT_ROWS  # row -> config switches on top of the experiment config
+METRICS = report.METRICS
+
 
 def row_config(config, row: str, seed: int):
     c = config.copy_and_resolve_references()
@@ -42,10 +38,10 @@ def row_config(config, row: str, seed: int):
     return c
 
 
-def link_shared(shared: str, rowdir: str) -> None:
+def link_shared(shared: Layout, row: Layout) -> None:
     """Points a row's shared stages at WORKDIR/shared (relative symlinks)."""
     for stage in SHARED_STAGES:
-        _link(shared, rowdir, stage)
+        _link(shared, row, stage)
 
 
 # Keys that may differ between a finished pipeline run and the ablation reusing it.
@@ -53,7 +49,16 @@ REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    d = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as in the saved config.json
+    """A config as config.json holds it, over the current defaults (a key added since the source
+    ran counts as its default, a key removed since is dropped), without REUSE_FREE_KEYS."""
+    from md2pr_jax.config import base_config
+
+    def merge(default, saved):
+        if not isinstance(default, dict):
+            return saved
+        return {k: merge(v, saved[k]) if k in saved else v for k, v in default.items()}
+
+    d = merge(json.loads(base_config().to_json_best_effort()), json.loads(json.dumps(cfg_dict)))
     for key in REUSE_FREE_KEYS:
         node = d
         *parents, leaf = key.split(".")
@@ -63,7 +68,7 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
-def reuse_run(config, source: str, workdir: str) -> list[str]:
+def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     """Links finished stages of an earlier run into this ablation (`--reuse_from`), instead of
     recomputing them. The source is either a `--mode pipeline` workdir or an ablation workdir.
     Its round 0 and round 1's mining and teacher pass go to WORKDIR/shared; every finished
@@ -71,56 +76,60 @@ def reuse_run(config, source: str, workdir: str) -> list[str]:
     config is the run's own; for an ablation workdir, each of its rows. The source must have
     used the same config up to its name and number of rounds; anything else is refused. So a
     2-round ablation can extend a 1-round one, running only round 2 of each row."""
-    source = os.path.abspath(source)
-    is_ablation = os.path.isdir(os.path.join(source, "rows"))
-    base = os.path.join(source, "shared") if is_ablation else source
-    saved = os.path.join(base, "config.json")
-    if not os.path.exists(saved):
-        raise SystemExit(f"--reuse_from {source}: no config.json there (neither a pipeline nor an ablation workdir)")
-    with open(saved) as f:
-        theirs = _comparable(json.load(f))
-    ours = _comparable(json.loads(config.to_json_best_effort()))
+    src = Layout.at(source)
+    is_ablation = src.rows_dir.is_dir()
+    base = src.shared if is_ablation else src
+    saved = artifacts.read_json(base.config_json)
+    if saved is None:
+        raise SystemExit(f"--reuse_from {src}: no {base.config_json} (neither a pipeline nor an ablation workdir)")
+    theirs, ours = _comparable(saved), _comparable(json.loads(config.to_json_best_effort()))
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise SystemExit(f"--reuse_from {source}: its config differs from this one in {diff}; "
+        raise SystemExit(f"--reuse_from {src}: its config differs from this one in {diff}; "
                          "only the name and rounds.num_rounds may differ")
-    linked = [_link(base, os.path.join(workdir, "shared"), stage) for stage in SHARED_STAGES if _finished(base, stage)]
+    finished = [stage for stage in SHARED_STAGES if linkable(base, stage)]
+    if not finished:
+        raise SystemExit(f"--reuse_from {src}: it holds no finished stage to reuse (renamed or not run yet?)")
+    linked = [_link(base, workdir.shared, stage) for stage in finished]
     if is_ablation:
-        row_dirs = [(os.path.join(source, "rows", name), name) for name in sorted(os.listdir(os.path.join(source, "rows")))]
+        rows = [(Layout(p), workdir.rows_dir / p.name) for p in sorted(src.rows_dir.iterdir())]
     else:
+        own = config.to_dict()
         row = next((r for r in ROWS if _comparable(row_config(config, r, config.train.seed).to_dict()) ==
-                    _comparable(config.to_dict())), None)
-        row_dirs = [] if row is None else [(source, f"{row}_s{config.train.seed}")]
-    for src, name in row_dirs:
-        linked += _link_rounds(config, src, os.path.join(workdir, "rows", name))
+                    _comparable(own)), None)
+        rows = [] if row is None else [(src, workdir.row(row, config.train.seed).root)]
+    for row_src, row_dst in rows:
+        linked += _link_rounds(config, row_src, Layout(row_dst))
     return [x for x in linked if x]
 
 
-def _link_rounds(config, source: str, rowdir: str) -> list[str | None]:
+def _link_rounds(config, source: Layout, row: Layout) -> list[str | None]:
     """Links each round of `source` whose stages all finished, up to the configured number."""
-    from md2pr_jax.controller import ROUND_STAGES
-
     linked: list[str | None] = []
     for r in range(1, int(config.rounds.num_rounds) + 1):
-        stages = [f"rounds/r{r:02d}/{s}" for s in ROUND_STAGES]
-        if all(_finished(source, st) for st in stages):
-            linked += [_link(source, rowdir, st) for st in stages + [f"rounds/r{r:02d}/student"]]
+        stages = round_stages(r)
+        if all(source.done(st) for st in stages):
+            linked += [_link(source, row, st) for st in stages + [round_stage(r, "student")]]
     return linked
 
 
-def _finished(source: str, stage: str) -> bool:
-    path = os.path.join(source, stage)
-    return os.path.exists(os.path.join(path, "DONE")) or (stage in ("data", "params/teacher") and os.path.isdir(path))
-
-
-def _link(source: str, target_root: str, stage: str) -> str | None:
-    """target_root/stage -> source/stage as a relative symlink, unless it exists already or
-    the source does not; returns the stage when linked."""
-    src, dst = os.path.join(source, stage), os.path.join(target_root, stage)
-    if os.path.lexists(dst) or not os.path.exists(src):
+def _link(source: Layout, target: Layout, stage: str) -> str | None:
+    """target/stage -> source/stage as a relative symlink, unless target/stage exists already;
+    returns the stage when linked. A missing source, or a link whose source was moved away,
+    is an error (never a silent recomputation)."""
+    src, dst = source.stage(stage), target.stage(stage)
+    if not (source.local and target.local):
+        raise SystemExit(f"linking {stage} from {source} into {target}: stages can be shared only between "
+                         "local workdirs (symlinks); run the ablation with a local --workdir")
+    if os.path.islink(dst) and not os.path.exists(dst):
+        raise SystemExit(f"{dst} links to {os.readlink(dst)}, which no longer exists (moved or renamed?); "
+                         "restore it, or delete the link to recompute that stage")
+    if os.path.lexists(dst):
         return None
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
+    if not src.exists():
+        raise SystemExit(f"cannot link {stage}: {src} does not exist (moved or renamed?)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(os.path.relpath(src, dst.parent), dst)
     return stage
 
 
@@ -133,39 +142,40 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def _run_row(config, shared: Layout, row_layout: Layout) -> dict:
+    """One row and seed: its rounds (sharing round 0 and round 1's mining and teacher pass) ->
+    the eval split's metrics, the last round's filter, and the other held-out splits (dev: where
+    choices are made) under their names."""
+    from md2pr_jax.rounds.runner import Runner
+
+    link_shared(shared, row_layout)
+    runner = Runner(config, row_layout.root)
+    runner.rounds()
+    res = runner.write_report()
+    last = res["rounds"][-1]
+    by_split = {s: {m: v[m] for m in METRICS} for s, v in last["metrics"].items() if isinstance(v, dict)}
+    return {**by_split.pop(res["split"]), "tau": last["tau"], "flagged": last["flagged"], **by_split}
+
+
 def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str],
         reuse_from: list[str] = ()) -> dict:
-    from md2pr_jax import report
-    from md2pr_jax.artifacts import write_json
-    from md2pr_jax.controller import Controller
+    from md2pr_jax.rounds.runner import Runner
 
-    workdir = os.path.abspath(workdir)
+    layout = Layout.at(workdir)
     for source in reuse_from:  # the first source to hold a stage wins
-        logging.info("reusing from %s: %s", source, reuse_run(config, source, workdir))
-    shared_dir = os.path.join(workdir, "shared")
-    base = Controller(config, shared_dir)
-    base.baselines()
-    base.train_teacher()
-    base.mine(1)
-    base.score(1)
+        logging.info("reusing from %s: %s", source, reuse_run(config, source, layout))
+    base = Runner(config, layout.shared.root)
+    base.round0()
+    base.round(1, upto="score")
     common = base.results()["rows"]
+    split = base.ctx.eval_split
     table = {k: {m: common[k][m] for m in METRICS} for k in ("bm25", "zero_shot", "teacher_rerank") if k in common}
     shown = {k: dict(v) for k, v in table.items()}
     per_row: dict[str, dict] = {}
     for row in rows:
         results = []
         for seed in seeds if row in multi_seed_rows else seeds[:1]:
-            rowdir = os.path.join(workdir, "rows", f"{row}_s{seed}")
-            link_shared(shared_dir, rowdir)
-            ctl = Controller(row_config(config, row, seed), rowdir)
-            for r in range(1, int(config.rounds.num_rounds) + 1):
-                ctl.run_round(r)
-            res = ctl.write_report()
-            last = res["rounds"][-1]
-            by_split = {s: {m: v[m] for m in METRICS} for s, v in last["metrics"].items() if isinstance(v, dict)}
-            # the eval split's metrics, the last round's filter, and the other held-out splits
-            # (dev: where choices are made) under their names
-            results.append({**by_split.pop(res["split"]), "tau": last["tau"], "flagged": last["flagged"], **by_split})
+            results.append(_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)))
             logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
         agg = aggregate(results)
         table[row] = agg
@@ -173,9 +183,9 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
         per_row[row] = {"per_seed": results, **agg, **{s: aggregate([r[s] for r in results]) for s in other_splits}}
         shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
                       for m in METRICS}
-        write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
-    write_json(os.path.join(workdir, "ablation.json"), {**table, "split": base.eval_split, "per_row": per_row})
-    report.write(workdir, {"split": base.eval_split, "dataset": base.dataset.name, "rows": shown, "rounds": []}, {},
+        artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
+    artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
+    report.write(layout, {"split": split, "dataset": base.ctx.dataset.name, "rows": shown, "rounds": []}, {},
                  title=f"{config.name} ablation, {int(config.rounds.num_rounds)} student round(s) per row")
     return table
 

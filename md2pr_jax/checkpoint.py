@@ -1,7 +1,7 @@
 """Checkpoints: one orbax CheckpointManager holding, per saved step,
 
     state  the TrainState (sharded arrays; restores onto any mesh)
-    host   JSON: step, round, threshold history, anything the controller passes
+    host   JSON: the step and what the caller passes (the round, or the stage)
     data   JSON: the data iterator's state (bytes are stored base64-encoded)
 
 Saves are asynchronous; `max_to_keep` = config.train.keep_checkpoints and a step is saved

@@ -138,6 +138,7 @@ def base_config() -> ConfigDict:
     c.teacher_train.warmup_steps = 50
     c.teacher_train.weight_decay = 0.01
     c.teacher_train.grad_clip = 1.0
+    c.teacher_train.grad_accum = 1  # micro-batches per step, as train.grad_accum
     c.teacher_train.negative_pool = 30  # negatives sampled from BM25 and zero-shot dense top-N
     c.teacher_train.score_batch_size = 64  # pairs per jitted scoring call
     c.teacher_train.checkpoint_every = 20
@@ -148,7 +149,6 @@ def base_config() -> ConfigDict:
     c.rounds = ConfigDict()
     c.rounds.num_rounds = 2
     c.rounds.mine_depth = 50  # top-K candidates mined per training query
-    c.rounds.skip_top = 0  # ignore the first ranks when sampling negatives
 
     c.filter = ConfigDict()
     c.filter.enabled = True
@@ -249,6 +249,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.grad_accum", cfg.train.grad_accum)
     positive("teacher_train.lr", cfg.teacher_train.lr)
+    positive("teacher_train.grad_accum", cfg.teacher_train.grad_accum)
     positive("teacher_train.batch_size", cfg.teacher_train.batch_size)
     positive("loss.kd_temperature", cfg.loss.kd_temperature)
     positive("data.max_query_len", cfg.data.max_query_len)
@@ -258,6 +259,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
         raise ConfigError(
             f"config.train.batch_size={cfg.train.batch_size} is not divisible by "
             f"config.train.grad_accum={cfg.train.grad_accum}"
+        )
+    if cfg.teacher_train.batch_size % cfg.teacher_train.grad_accum:
+        raise ConfigError(
+            f"config.teacher_train.batch_size={cfg.teacher_train.batch_size} is not divisible by "
+            f"config.teacher_train.grad_accum={cfg.teacher_train.grad_accum}"
         )
     choices = {
         "student.pooling": ("mean", "cls"),

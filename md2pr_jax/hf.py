@@ -5,6 +5,7 @@ Flax parameter tree of `models.Bert` — a rename plus transposes. Out: the stud
 that `transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load, the
 teacher as one that `sentence_transformers.CrossEncoder` loads (BertForSequenceClassification,
 one label). Exports are atomic: written beside the target and renamed into place.
+Building a model's params from the config (random or from these folders) is `md2pr_jax.params`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
-
 from md2pr_jax.config import MINILM_ID
 
 Params = dict[str, Any]
@@ -103,7 +102,7 @@ def load_tokenizer(config):
 # HF -> Flax
 
 
-def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     path = os.path.join(folder, "model.safetensors")
@@ -142,7 +141,7 @@ def check_shape(hf_cfg: dict, shape, where: str, config_key: str) -> None:
             )
 
 
-def _linear(t: dict, name: str, where: str) -> dict:
+def read_linear(t: dict, name: str, where: str) -> dict:
     try:
         return {"kernel": t[f"{name}.weight"].T, "bias": t[f"{name}.bias"]}
     except KeyError as e:
@@ -171,7 +170,7 @@ def hf_to_bert(t: dict[str, np.ndarray], num_layers: int, where: str, pooler: bo
         layer: Params = {}
         for ours, theirs in _LAYER_MAP.items():
             full = f"encoder.layer.{i}.{theirs}"
-            value = _norm(t, full, where) if ours[-1].endswith("LayerNorm") else _linear(t, full, where)
+            value = _norm(t, full, where) if ours[-1].endswith("LayerNorm") else read_linear(t, full, where)
             node = layer
             for part in ours[:-1]:
                 node = node.setdefault(part, {})
@@ -181,7 +180,7 @@ def hf_to_bert(t: dict[str, np.ndarray], num_layers: int, where: str, pooler: bo
         raise WeightsError(f"{where} has more than {num_layers} layers; the config says {num_layers}")
     if pooler:
         if "pooler.dense.weight" in t:
-            params["pooler"] = _linear(t, "pooler.dense", where)
+            params["pooler"] = read_linear(t, "pooler.dense", where)
         else:
             params["pooler"] = None  # filled from the random init by the caller
     return params
@@ -216,7 +215,7 @@ def bert_to_hf(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _fit(loaded: Params, reference: Params, where: str) -> Params:
+def fit_params(loaded: Params, reference: Params, where: str) -> Params:
     """Checks every loaded tensor's shape against the model's, fills None from `reference`,
     and casts to the reference dtype."""
 
@@ -246,62 +245,6 @@ def _fit(loaded: Params, reference: Params, where: str) -> Params:
         return np.asarray(new, dtype=ref.dtype)
 
     return jax.tree_util.tree_map_with_path(fit, reference)
-
-
-def _random_params(module, rng, *inputs, method=None) -> Params:
-    import flax.linen as nn
-
-    variables = jax.jit(lambda r: module.init(r, *inputs, method=method))(rng)
-    return jax.tree.map(np.asarray, nn.unbox(variables["params"]))
-
-
-def _dummy_pair(config):
-    import jax.numpy as jnp
-
-    q = jnp.ones((1, config.data.max_query_len), jnp.int32)
-    p = jnp.ones((1, config.data.max_passage_len), jnp.int32)
-    return q, q, p, p
-
-
-def init_student_params(config, rng: jax.Array | None = None) -> Params:
-    """Student params (host numpy): from `config.student.init` when set, else random."""
-    from md2pr_jax.models import student_from_config
-
-    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-    ref = _random_params(student_from_config(config), rng, *_dummy_pair(config))
-    if not config.student.init:
-        return ref
-    folder = resolve_pretrained(config.student.init)
-    check_shape(read_hf_config(folder), config.student.bert, folder, "config.student.bert")
-    bert = hf_to_bert(_read_safetensors(folder), config.student.bert.num_layers, folder, pooler=False)
-    loaded = {name: bert for name in ref}  # shared: 'encoder'; separate: both towers start equal
-    return _fit(loaded, ref, folder)
-
-
-def init_teacher_params(config, rng: jax.Array | None = None) -> Params:
-    """Teacher params: BertForSequenceClassification weights, or a BertModel (new head), or random."""
-    from md2pr_jax.models import teacher_from_config
-
-    rng = jax.random.PRNGKey(config.seed + 1) if rng is None else rng
-    ref = _random_params(teacher_from_config(config), rng, *_dummy_pair(config))
-    if not config.teacher.init:
-        return ref
-    folder = resolve_pretrained(config.teacher.init)
-    check_shape(read_hf_config(folder), config.teacher.bert, folder, "config.teacher.bert")
-    tensors = _read_safetensors(folder)
-    loaded = {"bert": hf_to_bert(tensors, config.teacher.bert.num_layers, folder, pooler=True), "classifier": None,
-              "score_head": None}
-    loaded = {k: v for k, v in loaded.items() if k in ref}  # the configured head's parameters only
-    head_file = os.path.join(folder, SCORE_HEAD_FILE)
-    if "score_head" in ref and os.path.exists(head_file):
-        with open(head_file) as f:
-            head = json.load(f)
-        loaded["score_head"] = {"scale": np.float32(head["scale"]), "bias": np.float32(head["bias"])}
-    if "classifier.weight" in tensors and "classifier" in ref:
-        if tensors["classifier.weight"].shape[0] != 1:
-            raise WeightsError(f"{folder}: classifier has {tensors['classifier.weight'].shape[0]} labels; the teacher needs 1")
-        loaded["classifier"] = _linear(tensors, "classifier", folder)
-    return _fit(loaded, ref, folder)
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,7 +352,7 @@ def export_teacher(params: Params, config, target: str, tokenizer=None) -> str:
 
     A 'segment_cosine' teacher has no [CLS] classifier that CrossEncoder could run: it is written
     as a BertModel folder plus `md2pr_score_head.json` (head, scale, bias), which
-    `init_teacher_params` reads back (`config.teacher.init` = the folder).
+    `params.init_teacher_params` reads back (`config.teacher.init` = the folder).
     """
     if "score_head" in params:
         tensors = bert_to_hf(params["bert"])
@@ -439,18 +382,3 @@ def export_teacher(params: Params, config, target: str, tokenizer=None) -> str:
         with open(os.path.join(tmp, "config_sentence_transformers.json"), "w") as f:
             json.dump({"model_type": "CrossEncoder", "max_length": int(config.data.max_query_len + config.data.max_passage_len)}, f)
     return target
-
-
-def export_mode(config, workdir: str) -> None:
-    """`--mode export_hf`: DIR/hf/student and DIR/hf/teacher from the latest checkpoint, else the init."""
-    from md2pr_jax.artifacts import latest_params
-
-    student, teacher, source = latest_params(config, workdir)
-    tok = load_tokenizer(config)
-    out = os.path.join(workdir, "hf")
-    export_student(student, config, os.path.join(out, "student"), tok)
-    if "query_encoder" in student:
-        export_student(student, config, os.path.join(out, "student_query"), tok, tower="query")
-    export_teacher(teacher, config, os.path.join(out, "teacher"), tok)
-    logging.info("exported student and teacher from %s to %s", source, out)
-    print(json.dumps({"source": source, "student": os.path.join(out, "student"), "teacher": os.path.join(out, "teacher")}))

@@ -17,10 +17,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = {
-    "export_hf": "md2pr_jax.hf:export_mode",
-    "teacher": "md2pr_jax.controller:teacher_mode",
-    "student": "md2pr_jax.controller:student_mode",
-    "pipeline": "md2pr_jax.controller:pipeline_mode",
+    "export_hf": "md2pr_jax.params:export_mode",
+    "teacher": "md2pr_jax.rounds.runner:teacher_mode",
+    "student": "md2pr_jax.rounds.runner:student_mode",
+    "pipeline": "md2pr_jax.rounds.runner:pipeline_mode",
     "evaluate": "md2pr_jax.retrieval.evaluate:evaluate_mode",
     "aot": "md2pr_jax.aot:aot_mode",
     "prepare": "md2pr_jax.data:prepare_mode",

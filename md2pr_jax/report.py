@@ -3,20 +3,50 @@ PNG plots of the losses, the threshold and the metrics by round."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
-import os
 
-ROW_ORDER = ("bm25", "zero_shot", "teacher_rerank", "de", "de_sent", "de_sent_word", "md2pr", "static_filter")
-ROW_NAMES = {
-    "bm25": "BM25",
-    "zero_shot": "zero-shot student",
-    "teacher_rerank": "teacher rerank (BM25 top-k)",
-    "de": "DE (L_ce, mined negatives)",
-    "de_sent": "DE + sentence",
-    "de_sent_word": "DE + sentence + word",
-    "md2pr": "MD2PR (+ dynamic filter)",
-    "static_filter": "static filter (tau = 0.9)",
+from etils import epath
+
+from md2pr_jax import artifacts
+from md2pr_jax.rounds.layout import Layout
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A row of the results table: its title, and for a student row the config switches that
+    make it (the ablation runs each; `row_name` tells which row a config's student is)."""
+
+    title: str
+    switches: dict | None = None
+
+
+ROWS = {
+    "bm25": Row("BM25"),
+    "zero_shot": Row("zero-shot student"),
+    "teacher_rerank": Row("teacher rerank (BM25 top-k)"),
+    "de": Row("DE (L_ce, mined negatives)",
+              {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False}),
+    "de_sent": Row("DE + sentence", {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False}),
+    "de_sent_word": Row("DE + sentence + word", {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": False}),
+    "md2pr": Row("MD2PR (+ dynamic filter)",
+                 {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": True}),
+    "static_filter": Row("static filter (tau = 0.9)",
+                         {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False}),
 }
+STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
+
+
+def row_name(config) -> str:
+    """The student row a config belongs to (md2pr for the full method)."""
+    lc, fc = config.loss, config.filter
+    if fc.enabled:
+        return "md2pr" if fc.dynamic else "static_filter"
+    if lc.use_word:
+        return "de_sent_word"
+    return "de_sent" if lc.use_sent else "de"
+
+
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
@@ -30,10 +60,10 @@ def _fmt(value) -> str:
 
 def rows_table(rows: dict) -> str:
     """Markdown table: one row per system (known order first), one column per metric."""
-    names = [k for k in ROW_ORDER if k in rows] + [k for k in rows if k not in ROW_ORDER]
+    names = [k for k in ROWS if k in rows] + [k for k in rows if k not in ROWS]
     lines = ["| row | " + " | ".join(METRICS) + " |", "| --- |" + " --- |" * len(METRICS)]
     for k in names:
-        lines.append(f"| {ROW_NAMES.get(k, k)} (`{k}`) | " + " | ".join(_fmt(rows[k].get(m)) for m in METRICS) + " |")
+        lines.append(f"| {ROWS[k].title if k in ROWS else k} (`{k}`) | " + " | ".join(_fmt(rows[k].get(m)) for m in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -51,19 +81,21 @@ def rounds_table(rounds: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, ax, title: str, path: str) -> str:
+def _save(fig, ax, title: str, path: epath.Path) -> epath.Path:
     """Legend, title and layout, then writes the PNG and closes the figure."""
     import matplotlib.pyplot as plt
 
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    path.write_bytes(buf.getvalue())
     return path
 
 
-def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], split: str) -> list[str]:
+def plots(layout: Layout, rounds: list[dict], histories: dict[int, list[dict]], split: str) -> list[epath.Path]:
     """losses.png (per step, rounds concatenated), threshold.png and metrics.png (per round)."""
     import matplotlib
 
@@ -85,7 +117,7 @@ def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], sp
         ax.axvline(offset, color="0.8", lw=0.5)
     ax.set_xlabel("step (rounds concatenated)")
     ax.set_ylabel("loss")
-    files.append(_save(fig, ax, "training losses", os.path.join(workdir, "losses.png")))
+    files.append(_save(fig, ax, "training losses", layout.plot("losses")))
 
     xs = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -94,19 +126,19 @@ def plots(workdir: str, rounds: list[dict], histories: dict[int, list[dict]], sp
     ax.set_xlabel("round")
     ax.set_ylabel("threshold")
     ax.set_xticks(xs)
-    files.append(_save(fig, ax, "false-negative threshold", os.path.join(workdir, "threshold.png")))
+    files.append(_save(fig, ax, "false-negative threshold", layout.plot("threshold")))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k in METRICS:
         ax.plot(xs, [r["metrics"].get(split, {}).get(k) for r in rounds], "o-", label=k)
     ax.set_xlabel("round")
     ax.set_xticks(xs)
-    files.append(_save(fig, ax, f"student on {split}", os.path.join(workdir, "metrics.png")))
+    files.append(_save(fig, ax, f"student on {split}", layout.plot("metrics")))
     return files
 
 
-def write(workdir: str, results: dict, histories: dict[int, list[dict]], title: str | None = None) -> str:
-    """Writes REPORT.md (and the plots) into `workdir`; returns its path."""
+def write(layout: Layout, results: dict, histories: dict[int, list[dict]], title: str | None = None) -> epath.Path:
+    """Writes REPORT.md (and the plots) into the workdir of `layout`; returns its path."""
     split = results["split"]
     parts = [f"# {title or results.get('config', 'md2pr')}: {results.get('dataset', '')} {split}", ""]
     parts += ["## Results", "", rows_table(results["rows"]), ""]
@@ -123,10 +155,7 @@ def write(workdir: str, results: dict, histories: dict[int, list[dict]], title: 
                 parts.append(f"| {rnd} | {_fmt(taus[rnd])} | {p['hidden_in_candidates']} | {p['flagged']} | "
                              f"{p['flagged_hidden']} | {_fmt(p['recall'])} | {_fmt(p['precision'])} |")
             parts.append("")
-        files = plots(workdir, rounds, histories, split)
-        parts += ["## Plots", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in files] + [""]
-    path = os.path.join(workdir, "REPORT.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(parts))
-    os.replace(path + ".tmp", path)
-    return path
+        files = plots(layout, rounds, histories, split)
+        parts += ["## Plots", ""] + [f"![{f.name}]({f.name})" for f in files] + [""]
+    artifacts.write_text(layout.report, "\n".join(parts))
+    return layout.report

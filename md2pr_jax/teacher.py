@@ -1,5 +1,6 @@
-"""The teacher's own work: fine-tuning the cross-encoder (round 0), and scoring (query, passage)
-pairs in batches — for reranking and for each round's scoring pass.
+"""The teacher's own work: fine-tuning the cross-encoder (round 0; its jitted step and batches,
+run by `train.train_loop` like the student's), and scoring (query, passage) pairs in batches
+(`PairScorer`: reranking and each round's scoring pass, the one scoring path).
 
 Fine-tuning loss per list [p+, n_1..n_m]: listwise cross-entropy over the list plus a
 pointwise binary cross-entropy (p+ = 1, negatives = 0) weighted by
@@ -9,7 +10,7 @@ probability, which the false-negative filter thresholds.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -19,9 +20,10 @@ import optax
 from tqdm import tqdm
 
 from md2pr_jax import sharding as shd
+from md2pr_jax.seeds import derive_seed
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
-from md2pr_jax.train.state import TrainState
-from md2pr_jax.train.step import teacher_forward
+from md2pr_jax.train.state import TrainState, init_teacher_boxed
+from md2pr_jax.train.step import _micro_batches, teacher_forward
 
 
 def list_loss(logits: jax.Array, cand_mask: jax.Array, pointwise_weight: float) -> tuple[jax.Array, dict]:
@@ -37,31 +39,99 @@ def list_loss(logits: jax.Array, cand_mask: jax.Array, pointwise_weight: float) 
     return loss, {"loss": loss, "loss_list": listwise.mean(), "loss_point": pointwise, "acc": acc}
 
 
-def make_teacher_step(config, mesh, teacher: nn.Module, total_steps: int):
-    """Jitted `step(state, batch) -> (state, metrics)` for fine-tuning the teacher (state donated)."""
+def teacher_state_shardings(config, mesh, teacher: nn.Module, tx: optax.GradientTransformation) -> TrainState:
+    """NamedShardings of the teacher's TrainState (Adam moments follow their params)."""
+
+    def boxed(rng):
+        params = init_teacher_boxed(teacher, config, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    return shd.logical_shardings(jax.eval_shape(boxed, jax.random.PRNGKey(0)), mesh)
+
+
+def create_teacher_state(config, mesh, params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """The teacher's TrainState from host params, created on `shardings`."""
+    rng = shd.put_global(np.asarray(jax.random.PRNGKey(derive_seed(config, "teacher_state"))), shd.replicated(mesh))
+    init = jax.jit(
+        lambda r, p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=r),
+        in_shardings=(shd.replicated(mesh), shardings.params),
+        out_shardings=shardings,
+    )
+    return init(rng, shd.put_global(params, shardings.params))
+
+
+def make_teacher_train_step(config, mesh, teacher: nn.Module, total_steps: int):
+    """(step, tx, shardings): the jitted `step(state, batch, None) -> (state, metrics)` that
+    fine-tunes the teacher, called by `train.train_loop` as the student's step is. State donated
+    and sharded like the student's; `config.teacher_train.grad_accum` micro-batches as in
+    `train.step.make_train_step`. batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B, C, Lp];
+    cand_mask [B, C]. Metrics: loss, loss_list, loss_point, acc, grad_norm, lr."""
     tcfg = config.teacher_train
     tx = make_optimizer(tcfg, total_steps)
     schedule = make_schedule(tcfg, total_steps)
+    accum = int(tcfg.grad_accum)
 
     def loss_fn(params, batch):
-        with shd.activation_context(mesh):
-            scores, _ = teacher_forward(teacher, params, batch, (), 1, mesh, frozen=False)
+        scores, _ = teacher_forward(teacher, params, batch, (), 1, mesh, frozen=False)
         return list_loss(scores, batch["cand_mask"], float(tcfg.pointwise_weight))
 
-    def step(state: TrainState, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch, _teacher_params=None):
+        with shd.activation_context(mesh):
+            if accum == 1:
+                (_, metrics), grads = grad_fn(state.params, batch)
+            else:
+                def body(acc, mb):
+                    (_, m), g = grad_fn(state.params, mb)
+                    return jax.tree.map(jnp.add, acc, g), m
+
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                grads, ms = jax.lax.scan(body, zeros, _micro_batches(batch, accum, mesh))
+                grads = jax.tree.map(lambda g: g / accum, grads)
+                metrics = jax.tree.map(lambda m: m.mean(0), ms)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,)), tx
+    shardings = teacher_state_shardings(config, mesh, teacher, tx)
+    jitted = jax.jit(step, in_shardings=(shardings, shd.batch_sharding(mesh), None),
+                     out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
+    return jitted, tx, shardings
 
 
-def init_teacher_state(params, tx, seed: int) -> TrainState:
-    return jax.jit(
-        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jax.random.PRNGKey(seed))
-    )(params)
+class TeacherBatches:
+    """This process's rows of the teacher's global batches, from global step `start` on.
+
+    `lists(epoch)` gives one epoch's (query rows [E], doc rows [E, 1 + n]) in order; global
+    step s takes rows [j*B, (j+1)*B) of epoch s // steps_per_epoch (j = s mod steps_per_epoch),
+    and this process serves `rows` of them. State {'step': next global step} (checkpointed by
+    the train loop as item 'data')."""
+
+    def __init__(self, lists: Callable[[int], tuple[np.ndarray, np.ndarray]], dataset, global_batch: int,
+                 rows: slice, steps_per_epoch: int, start: int = 0):
+        self.lists, self.dataset, self.rows = lists, dataset, rows
+        self.global_batch, self.steps_per_epoch, self.step = int(global_batch), int(steps_per_epoch), int(start)
+        self._epoch: tuple[int, tuple] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, j = divmod(self.step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.lists(epoch))
+        qs, lists = self._epoch[1]
+        rows = slice(j * self.global_batch, (j + 1) * self.global_batch)
+        q_ids, q_mask = self.dataset.query_tokens(qs[rows][self.rows])
+        p_ids, p_mask = self.dataset.doc_tokens(lists[rows][self.rows])
+        self.step += 1
+        return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask,
+                "cand_mask": np.ones(p_ids.shape[:2], np.float32)}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
 
 
 class PairScorer:
@@ -108,7 +178,7 @@ class PairScorer:
             m = min(self.batch_size, n - start)
             out[start : start + m] = _to_host(scores)[:m, 0]
             if attn is not None:
-                # Fetched on every process even where attn_out is None (the controller keeps the
+                # Fetched on every process even where attn_out is None (the scoring stage keeps the
                 # maps on process 0 only): with several processes the fetch is a collective.
                 attn_host = _to_host(attn)
                 if attn_out is not None:

@@ -1,5 +1,6 @@
-"""The round controller: the threshold rule, the planted check, and the whole debug pipeline
-with a SIGKILL in the middle of a student round."""
+"""The round controller (md2pr_jax.rounds): the whole debug pipeline with a SIGKILL in the
+middle of a student round, the ablation and its --reuse_from. The filter's numerics are in
+test_rounds_filtering.py, the layout in test_rounds_layout.py."""
 
 import json
 import os
@@ -8,38 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from conftest import ROOT
 
 from md2pr_jax.config import base_config
-from md2pr_jax.controller import planted_check, update_threshold
-
-
-def test_threshold_rule_moves_towards_the_positive_quantile():
-    fc = base_config().filter
-    fc.momentum, fc.quantile, fc.tau_min, fc.tau_max = 0.5, 0.1, 0.5, 0.99
-    probs = np.linspace(0.0, 1.0, 101)  # 10% quantile = 0.1
-    tau, tau_hat = update_threshold(fc, 0.9, probs)
-    assert tau_hat == pytest.approx(0.1)
-    assert tau == pytest.approx(0.5)  # 0.5*0.9 + 0.5*0.1 = 0.5, inside the clip
-    tau, _ = update_threshold(fc, 0.9, np.full(10, 0.05))
-    assert tau == pytest.approx(0.5)  # 0.475 clipped to tau_min
-    tau, _ = update_threshold(fc, 0.98, np.full(10, 1.0))
-    assert tau == pytest.approx(0.99)  # clipped to tau_max
-    fc.dynamic = False
-    assert update_threshold(fc, 0.6, probs)[0] == pytest.approx(fc.tau0)
-
-
-def test_planted_check_counts():
-    cand = np.array([[5, 6, 7], [8, 9, 10]])
-    flagged = np.array([[True, False, True], [False, False, True]])
-    hidden = {0: {5, 6}, 1: {11}}
-    out = planted_check(flagged, cand, np.array([0, 1]), hidden)
-    assert out["hidden_in_candidates"] == 2  # 5 and 6; 11 was not mined
-    assert out["flagged_hidden"] == 1  # 5
-    assert out["recall"] == pytest.approx(0.5)
-    assert out["precision"] == pytest.approx(1 / 3)
 
 
 def _pipeline(workdir, extra=()):
@@ -94,7 +67,7 @@ def test_debug_pipeline_survives_sigkill_mid_round(tmp_path):
 
 def test_row_names_follow_the_ablation_switches():
     from md2pr_jax.ablation import ROWS, row_config
-    from md2pr_jax.controller import row_name
+    from md2pr_jax.report import row_name
 
     for row in ROWS:
         assert row_name(row_config(base_config(), row, 0)) == row

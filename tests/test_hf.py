@@ -1,4 +1,4 @@
-"""Hugging Face weights in and out: parity with sentence-transformers, round trips, bad input."""
+"""Hugging Face weights in and out (and md2pr_jax.params, which builds params from them): parity with sentence-transformers, round trips, bad input."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from conftest import ROOT, make_tiny_config
 from md2pr_jax import hf
 from md2pr_jax.config import MINILM_ID, load_config
 from md2pr_jax.models import CrossEncoder, DualEncoder, student_from_config, teacher_from_config
+from md2pr_jax.params import init_student_params, init_teacher_params
 
 QUERIES = ["Vitamin D deficiency raises the risk of fractures.", "Aspirin lowers mortality after a stroke."]
 PASSAGES = [
@@ -49,7 +50,7 @@ def test_minilm_import_matches_sentence_transformers(data_dir):
     from sentence_transformers import SentenceTransformer
 
     cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["data.max_passage_len=256"])
-    params = hf.init_student_params(cfg)
+    params = init_student_params(cfg)
     tok = hf.load_tokenizer(cfg)
     with open(os.path.join(data_dir, "scifact", "corpus.jsonl")) as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(40), f)]
@@ -70,8 +71,8 @@ def test_export_round_trip(tmp_path, which):
         cfg.data.max_query_len, cfg.data.max_passage_len = 16, 32
     else:  # the CrossEncoder export is the `cls` head's (segment_cosine: the test below)
         cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["teacher.head=cls"])
-    student = hf.init_student_params(cfg, jax.random.PRNGKey(3))
-    teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(4))
+    student = init_student_params(cfg, jax.random.PRNGKey(3))
+    teacher = init_teacher_params(cfg, jax.random.PRNGKey(4))
     tok = hf.load_tokenizer(cfg)
     s_dir = hf.export_student(student, cfg, str(tmp_path / "student"), tok)
     t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
@@ -98,27 +99,27 @@ def test_export_round_trip(tmp_path, which):
 
 def test_import_round_trip_preserves_every_tensor(tmp_path):
     cfg = make_tiny_config()
-    teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(0))
+    teacher = init_teacher_params(cfg, jax.random.PRNGKey(0))
     hf.export_teacher(teacher, cfg, str(tmp_path / "t"))
     cfg.teacher.init = str(tmp_path / "t")
-    again = hf.init_teacher_params(cfg, jax.random.PRNGKey(99))
+    again = init_teacher_params(cfg, jax.random.PRNGKey(99))
     for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_layer_count_mismatch_is_named(tmp_path):
     cfg = make_tiny_config()
-    hf.export_student(hf.init_student_params(cfg), cfg, str(tmp_path / "s"))
+    hf.export_student(init_student_params(cfg), cfg, str(tmp_path / "s"))
     small = make_tiny_config()
     small.student.bert.num_layers = 1
     small.student.init = str(tmp_path / "s")
     with pytest.raises(hf.WeightsError, match="num_hidden_layers=2 but config.student.bert.num_layers=1"):
-        hf.init_student_params(small)
+        init_student_params(small)
 
 
 def test_tensor_shape_mismatch_is_named(tmp_path):
     cfg = make_tiny_config()
-    hf.export_student(hf.init_student_params(cfg), cfg, str(tmp_path / "s"))
+    hf.export_student(init_student_params(cfg), cfg, str(tmp_path / "s"))
     with open(tmp_path / "s" / "config.json") as f:
         meta = json.load(f)
     meta.pop("intermediate_size")  # the tensors still say 64; the config below says 128
@@ -128,21 +129,21 @@ def test_tensor_shape_mismatch_is_named(tmp_path):
     other.student.bert.intermediate_size = 128
     other.student.init = str(tmp_path / "s")
     with pytest.raises(hf.WeightsError, match=r"intermediate_dense.*has shape \(64,\).*expects \(128,\)"):
-        hf.init_student_params(other)
+        init_student_params(other)
 
 
 def test_missing_and_corrupt_weights(tmp_path):
     cfg = make_tiny_config()
     folder = tmp_path / "s"
-    hf.export_student(hf.init_student_params(cfg), cfg, str(folder))
+    hf.export_student(init_student_params(cfg), cfg, str(folder))
     cfg.student.init = str(folder)
     with open(folder / "model.safetensors", "wb") as f:
         f.write(b"not a safetensors file")
     with pytest.raises(hf.WeightsError, match="model.safetensors is not a readable safetensors file"):
-        hf.init_student_params(cfg)
+        init_student_params(cfg)
     os.remove(folder / "model.safetensors")
     with pytest.raises(hf.WeightsError, match="model.safetensors does not exist"):
-        hf.init_student_params(cfg)
+        init_student_params(cfg)
 
 
 def test_unknown_id_offline(monkeypatch):
@@ -153,7 +154,7 @@ def test_unknown_id_offline(monkeypatch):
 
 def test_failed_export_leaves_no_folder(tmp_path):
     cfg = make_tiny_config()
-    params = hf.init_student_params(cfg)
+    params = init_student_params(cfg)
     del params["encoder"]["layer_1"]["output_LayerNorm"]  # export fails half way through
     with pytest.raises(KeyError):
         hf.export_student(params, cfg, str(tmp_path / "out"))
@@ -183,7 +184,7 @@ def test_segment_cosine_teacher_round_trip_and_score(tmp_path):
     from md2pr_jax.models import pair_inputs, pool
 
     cfg = make_tiny_config(**{"teacher.head": "segment_cosine", "teacher.head_scale": 7.0, "teacher.head_bias": -2.0})
-    teacher = hf.init_teacher_params(cfg, jax.random.PRNGKey(0))
+    teacher = init_teacher_params(cfg, jax.random.PRNGKey(0))
     assert "classifier" not in teacher and float(teacher["score_head"]["scale"]) == 7.0
     teacher["score_head"] = {"scale": np.float32(5.5), "bias": np.float32(-1.25)}
     tok = hf.load_tokenizer(cfg)
@@ -208,7 +209,7 @@ def test_segment_cosine_teacher_round_trip_and_score(tmp_path):
     hf.export_teacher(teacher, cfg, str(tmp_path / "t"), tok)
     assert json.load(open(tmp_path / "t" / hf.SCORE_HEAD_FILE))["scale"] == 5.5
     cfg.teacher.init = str(tmp_path / "t")
-    again = hf.init_teacher_params(cfg, jax.random.PRNGKey(99))
+    again = init_teacher_params(cfg, jax.random.PRNGKey(99))
     flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
     a, b = flat(teacher), flat(again)
     assert a.keys() == b.keys()
@@ -232,7 +233,7 @@ def test_segment_cosine_teacher_export_matches_hf_on_the_packed_pair(tmp_path):
 
     cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"))
     assert cfg.teacher.head == "segment_cosine"
-    teacher = hf.init_teacher_params(cfg)
+    teacher = init_teacher_params(cfg)
     tok = hf.load_tokenizer(cfg)
     t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
     head = json.load(open(os.path.join(t_dir, hf.SCORE_HEAD_FILE)))

@@ -88,9 +88,9 @@ def scifact_minilm():
     """
     if not os.environ.get("MD2PR_DATA_DIR"):
         pytest.skip("MD2PR_DATA_DIR is not set")
-    from md2pr_jax import hf
     from md2pr_jax.config import MINILM_ID
     from md2pr_jax.data import prepare_dataset
+    from md2pr_jax.params import init_student_params
 
     cache = os.path.join(tempfile.gettempdir(), "md2pr_test_cache")
     cfg = base_config()
@@ -102,7 +102,7 @@ def scifact_minilm():
     if os.path.exists(path):
         z = np.load(path)
         return ds, cfg, z["docs"], z["queries"]
-    params = hf.init_student_params(cfg)
+    params = init_student_params(cfg)
     docs, _ = ev.encode_corpus(cfg, params, ds)
     queries = ev.encode_queries(cfg, params, ds, np.arange(ds.num_queries))
     np.savez(path, docs=docs, queries=queries)

@@ -22,9 +22,11 @@ from md2pr_jax.train import (  # noqa: E402
     make_train_step,
     numpy_tree,
     place_teacher_params,
-    teacher_outputs,
     train_loop,
 )
+from md2pr_jax.rounds.filtering import gather_attention  # noqa: E402
+from md2pr_jax.teacher import PairScorer  # noqa: E402
+from md2pr_jax.train.step import teacher_layers, word_candidates  # noqa: E402
 
 
 def test_schedule_warmup_then_linear_decay():
@@ -61,15 +63,43 @@ def setup():
     return config, mesh, student, teacher, teacher_params
 
 
+class _BatchAsDataset:
+    """A host batch seen as a dataset: query row i is the batch's query i, doc row j its j-th
+    candidate in row-major order (what PairScorer reads)."""
+
+    def __init__(self, batch):
+        b, c, lp = batch["p_ids"].shape
+        self.q, self.p = (batch["q_ids"], batch["q_mask"]), (batch["p_ids"].reshape(b * c, lp), batch["p_mask"].reshape(b * c, lp))
+
+    def query_tokens(self, rows):
+        return self.q[0][rows], self.q[1][rows]
+
+    def doc_tokens(self, rows):
+        return self.p[0][rows], self.p[1][rows]
+
+
+def _cached_teacher_outputs(config, mesh, teacher, teacher_params, host_batch):
+    """The 'cached' mode's teacher outputs as the pipeline makes them: the scoring pass over
+    every (query, candidate) pair (PairScorer), then each list's first K maps gathered."""
+    b, c, _ = host_batch["p_ids"].shape
+    layers = teacher_layers(config)
+    scorer = PairScorer(config, teacher, teacher_params, _BatchAsDataset(host_batch), mesh, 8, attention_layers=layers)
+    flat = np.zeros((b * c, len(layers), config.data.max_query_len, config.data.max_passage_len), jax.numpy.bfloat16)
+    scores = scorer.score(np.repeat(np.arange(b), c), np.arange(b * c), attn_out=flat).reshape(b, c)
+    src = np.arange(b * c).reshape(b, c)[:, : word_candidates(config, c)]
+    return scores, gather_attention(flat, src)
+
+
 def test_online_and_cached_teacher_give_the_same_loss(setup):
     config, mesh, student, teacher, teacher_params = setup
-    batch = shd.to_global(random_batch(config, 0), mesh)
-    scores, attn = teacher_outputs(teacher, teacher_params, batch, config, mesh)
+    host_batch = random_batch(config, 0)
+    batch = shd.to_global(host_batch, mesh)
+    scores, attn = _cached_teacher_outputs(config, mesh, teacher, teacher_params, host_batch)
     b, c = batch["teacher_scores"].shape
     assert scores.shape == (b, c) and scores.dtype == np.float32
     assert attn.shape == (b, 2, 2, config.data.max_query_len, config.data.max_passage_len)
     assert attn.dtype == jax.numpy.bfloat16
-    cached_batch = dict(batch, teacher_scores=scores, teacher_attn=attn)
+    cached_batch = shd.to_global(dict(host_batch, teacher_scores=scores, teacher_attn=attn), mesh)
 
     results = {}
     for mode in ("online", "cached"):

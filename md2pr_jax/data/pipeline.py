@@ -27,7 +27,7 @@ _STATE_VERSION = 1
 
 @dataclasses.dataclass
 class TrainExamples:
-    """One round's training lists (host side, numpy), produced by the controller.
+    """One round's training lists (host side, numpy), produced by the filter stage.
 
     query_idx:      int32 [E]        rows of the prepared dataset's queries
     cand_idx:       int32 [E, C]     rows of its documents; c=0 the positive, then negatives
@@ -215,7 +215,7 @@ def make_train_iterator(
       local_rows: the rows of each global batch this process serves (default
         [i*b, (i+1)*b)); pass `sharding.local_batch_slice(mesh, B)` on unusual meshes.
 
-    Yields dicts (see TEAM_CONTRACTS.md): q_ids, q_mask int32 [b, Lq]; p_ids, p_mask int32
+    Yields dicts: q_ids, q_mask int32 [b, Lq]; p_ids, p_mask int32
     [b, C, Lp]; cand_mask, teacher_scores float32 [b, C]; teacher_attn bf16 [b, P, K, Lq, Lp].
     """
     if process_index is None or process_count is None:

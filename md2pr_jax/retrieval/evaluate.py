@@ -9,7 +9,6 @@ round controller calls after each round.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -107,18 +106,19 @@ def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
 
 def load_student_params(config, workdir: str):
     """(params, source): WORKDIR/params/student when present, else the configured initialisation."""
-    from md2pr_jax import artifacts, hf
+    from md2pr_jax import params
+    from md2pr_jax.rounds.layout import Layout
 
-    return artifacts.saved_or_init(workdir, "student", hf.init_student_params(config), config.student.init or "random init")
+    return params.saved_or_init(Layout.at(workdir), "student", config)
 
 
 def evaluate_mode(config, workdir: str) -> dict:
     """Evaluates the student and BM25 on config.data.eval_split; writes WORKDIR/eval/<split>.json."""
     from md2pr_jax import artifacts
-    from md2pr_jax.data import prepare_dataset
+    from md2pr_jax.rounds.layout import Layout, prepare_dataset
 
     split = config.data.eval_split
-    dataset = prepare_dataset(config, workdir)
+    dataset = prepare_dataset(config, Layout.at(workdir))
     qrels = split_qrels(dataset, split)
     params, source = load_student_params(config, workdir)
     logging.info("evaluating the student from %s on %s/%s", source, dataset.name, split)
@@ -139,7 +139,7 @@ def evaluate_mode(config, workdir: str) -> dict:
         },
     }
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "eval", f"{split}.json")
+        path = Layout.at(workdir).eval_json(split)
         artifacts.write_json(path, result)
         print(f"{dataset.name} {split}: {len(qrels)} queries, {dataset.num_docs} docs (student: {source})")
         print(format_table({"student": student, "bm25": bm25}))

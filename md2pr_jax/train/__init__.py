@@ -1,4 +1,5 @@
-"""Student training: state, optimizer, the jitted steps and the inner loop."""
+"""Training: state, optimizer, the jitted steps and the inner loop (the teacher's fine-tuning
+runs through the same loop, `teacher.make_teacher_train_step`)."""
 
 from md2pr_jax.train.loop import numpy_tree, train_loop
 from md2pr_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
@@ -16,7 +17,6 @@ from md2pr_jax.train.step import (
     make_train_step,
     student_forward,
     teacher_forward,
-    teacher_outputs,
 )
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "state_shardings",
     "student_forward",
     "teacher_forward",
-    "teacher_outputs",
     "teacher_param_shardings",
     "train_loop",
 ]

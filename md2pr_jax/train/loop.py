@@ -79,7 +79,7 @@ def train_loop(
                 history.append({"step": step, **values})
                 if writer is not None:
                     for k, v in values.items():
-                        writer.add_scalar(f"{tag}/{k}", v, step)
+                        writer.add_scalar(f"{tag}/{k}".replace(" ", "_"), v, step)  # TB names have no spaces
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
             if ckpt_manager is not None:
                 data_state = get_data_state() if get_data_state else None

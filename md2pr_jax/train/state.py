@@ -90,7 +90,7 @@ def create_train_state(
       config: the experiment config (student shape, train.*).
       mesh: from `sharding.make_mesh`.
       init_params: optional pretrained student params (unboxed host numpy tree, e.g. from
-        `hf.init_student_params`); placed onto the same shardings as random ones would be.
+        `params.init_student_params`); placed onto the same shardings as random ones would be.
       rng: PRNG key (default PRNGKey(config.seed)).
       student: the DualEncoder (default `student_from_config(config)`).
     """
@@ -132,7 +132,7 @@ def abstract_teacher_params(config, mesh: Mesh, teacher: nn.Module | None = None
 
 
 def place_teacher_params(config, mesh: Mesh, params: Any = None, rng: jax.Array | None = None, *, teacher=None) -> Any:
-    """Teacher params on `mesh`: `params` (host numpy, e.g. `hf.init_teacher_params`) placed
+    """Teacher params on `mesh`: `params` (host numpy, e.g. `params.init_teacher_params`) placed
     onto their shardings, or random ones created already sharded."""
     teacher = teacher or teacher_from_config(config)
     shardings = teacher_param_shardings(config, mesh, teacher)

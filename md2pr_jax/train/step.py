@@ -1,9 +1,10 @@
 """The jitted (pjit-style) train and eval steps, and the teacher's forward pass.
 
-One code path for both teacher modes: `teacher_forward` computes the teacher's list scores
+One forward pass for both teacher modes: `teacher_forward` computes the teacher's list scores
 [B, C] and query->passage attention [B, P, K, Lq, Lp]; in 'online' mode the train step calls
-it under stop_gradient on each (micro-)batch, in 'cached' mode the controller calls it once
-per round through `teacher_outputs` and the batches carry the result. Same batch, same loss.
+it under stop_gradient on each (micro-)batch, in 'cached' mode the round's scoring pass
+(`teacher.PairScorer`, through the same function) stores them once and the batches carry
+them. Same batch, same loss. The teacher's own fine-tuning step is `teacher.make_teacher_train_step`.
 
 Gradient accumulation (`config.train.grad_accum` = A > 1) scans over A micro-batches inside
 the step: rows i, i+A, i+2A, ... form micro-batch i, so every micro-batch stays spread over
@@ -236,31 +237,3 @@ def make_eval_step(
         in_shardings=(param_sh, shd.batch_sharding(mesh), teacher_sh),
         out_shardings=shd.replicated(mesh),
     )
-
-
-_TEACHER_FNS: dict = {}
-
-
-def teacher_outputs(
-    teacher: nn.Module, teacher_params: Any, batch: Batch, config, mesh: Mesh | None = None
-) -> tuple[jax.Array, jax.Array | None]:
-    """The round's scoring pass (jitted, cached per teacher/layers/K/mesh).
-
-    batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B, C, Lp] (other keys are ignored).
-    Returns (teacher_scores [B, C] float32, teacher_attn [B, P, K, Lq, Lp] bfloat16 or None
-    when config.loss.use_word is off) — exactly what the 'online' step computes.
-    With `mesh`, the model's activation constraints bind to it (pass sharded inputs).
-    """
-    layers = teacher_layers(config)
-    k = word_candidates(config, batch["p_ids"].shape[1])
-    key = (id(teacher), layers, k, mesh)
-    if key not in _TEACHER_FNS:
-
-        def fn(params, b):
-            if mesh is None:
-                return teacher_forward(teacher, params, b, layers, k)
-            with shd.activation_context(mesh):
-                return teacher_forward(teacher, params, b, layers, k, mesh)
-
-        _TEACHER_FNS[key] = (teacher, jax.jit(fn))  # holding the module keeps id() unique
-    return _TEACHER_FNS[key][1](teacher_params, {k_: batch[k_] for k_ in TEACHER_KEYS})

@@ -1,0 +1,413 @@
+"""The stages of an experiment, one plain function each: `stage(ctx[, r]) -> result`.
+
+    round 0  baselines (BM25, zero-shot student) -> teacher (fine-tune, rerank eval)
+    round r  mine (current student) -> score (teacher pass: scores, attention maps)
+             -> filter (threshold, flags, training lists) -> train (student) -> eval
+
+Each stage reads what it needs from the workdir at its top and writes its outputs into its
+own folder (`Layout`); nothing crosses stages in memory, so any stage can be rerun, linked
+from another run, or resumed alone. Skipping finished stages, timings, the barrier between
+processes and the DONE marker are `runner.py`'s. Files every process would write alike are
+written by process 0; per-process files carry the process index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from md2pr_jax import artifacts
+from md2pr_jax import checkpoint as ckpt
+from md2pr_jax import params as params_lib
+from md2pr_jax import sharding as shd
+from md2pr_jax.rounds import filtering
+from md2pr_jax.rounds.layout import Layout, prepare_dataset, round_stage
+from md2pr_jax.seeds import derive_seed
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage of one workdir shares: config, layout, dataset, mesh, models, and the
+    training positives the student sees (the planted check's hidden ones removed)."""
+
+    config: Any
+    layout: Layout
+    dataset: Any
+    mesh: Any
+    student: Any
+    teacher: Any
+    hidden: dict[int, set]  # query row -> positives hidden by the planted check
+    train_positives: dict[int, list[int]]  # query row -> visible positives
+    report_splits: list[str]
+    main: bool
+
+    @property
+    def eval_split(self) -> str:
+        return self.config.data.eval_split
+
+
+def open_context(config, workdir) -> Context:
+    """Prepares (or loads) the dataset and writes config.json and planted.json."""
+    from md2pr_jax.models import student_from_config, teacher_from_config
+
+    layout = Layout.at(workdir)
+    main = jax.process_index() == 0
+    layout.root.mkdir(parents=True, exist_ok=True)
+    mesh = shd.make_mesh(config)
+    dataset = prepare_dataset(config, layout)
+    splits = dataset.split_queries
+    report_splits = [s for s in (config.data.eval_split, "dev") if s in splits and dataset.qrels.get(s)]
+    if main:
+        artifacts.write_text(layout.config_json, config.to_json_best_effort(indent=2))
+    positives = dataset.positives(config.data.train_split)
+    hidden = _planted(config, layout, positives, main)
+    logging.info("dataset %s", json.dumps(dataset.summary()))
+    return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
+                   filtering.visible_positives(positives, hidden), report_splits, main)
+
+
+def _planted(config, layout: Layout, positives, main: bool) -> dict[int, set]:
+    """The planted check's hidden positives, recorded in planted.json (read back when present)."""
+    fraction = float(config.filter.plant_fraction)
+    if fraction <= 0:
+        return {}
+    saved = artifacts.read_json(layout.planted)
+    if saved is None:
+        saved = {str(q): v for q, v in filtering.plant(positives, fraction, derive_seed(config, "planted")).items()}
+        if main:
+            artifacts.write_json(layout.planted, saved)
+    return {int(q): set(v) for q, v in saved.items()}
+
+
+def uses_teacher(config) -> bool:
+    lc = config.loss
+    return bool(config.filter.enabled or lc.use_sent or lc.use_word or lc.use_margin_mse)
+
+
+def cached_attention(config) -> bool:
+    return bool(config.loss.use_word and config.loss.teacher_mode == "cached")
+
+
+# ---------------------------------------------------------------------- shared pieces
+def student_params(ctx: Context, r: int):
+    """The student after round r (0 = the configured initialisation)."""
+    init = params_lib.init_student_params(ctx.config)
+    return init if r == 0 else artifacts.load_params(ctx.layout.student(r), init)
+
+
+def teacher_params(ctx: Context):
+    return params_lib.saved_or_init(ctx.layout, "teacher", ctx.config)[0]
+
+
+def evaluate(ctx: Context, params, corpus) -> dict:
+    from md2pr_jax.retrieval.evaluate import evaluate_student
+
+    return {s: evaluate_student(ctx.config, params, ctx.dataset, s, corpus=corpus) for s in ctx.report_splits}
+
+
+def corpus_embeddings(ctx: Context, params, r: int):
+    """(emb_local, offset) of this process's corpus slice under the student after round r,
+    cached beside that round's evaluation (round 0: the baselines)."""
+    from md2pr_jax.retrieval.evaluate import encode_corpus
+
+    prefix = ctx.layout.corpus_emb(r)
+    file = prefix.parent / f"{prefix.name}.p{jax.process_index()}.npy"
+    meta = prefix.parent / f"{prefix.name}.p{jax.process_index()}.json"
+    if file.exists() and meta.exists():
+        return artifacts.load_array(file), artifacts.read_json(meta)["offset"]
+    emb, offset = encode_corpus(ctx.config, params, ctx.dataset, student=ctx.student)
+    artifacts.save_array(file, emb)
+    artifacts.write_json(meta, {"offset": int(offset)})
+    return emb, offset
+
+
+def dense_candidates(ctx: Context, params, corpus, q_rows: np.ndarray, depth: int, exclude) -> np.ndarray:
+    """Top-`depth` doc rows per query row with `exclude` (per query) removed: int64 [M, depth]."""
+    from md2pr_jax.retrieval.evaluate import encode_queries
+    from md2pr_jax.retrieval.index import build_index
+    from md2pr_jax.retrieval.mining import mine as mine_top
+
+    emb, offset = corpus
+    q = encode_queries(ctx.config, params, ctx.dataset, q_rows, student=ctx.student)
+    index = build_index(emb, ctx.config.retrieval, depth + max((len(e) for e in exclude), default=0))
+    idx, _ = mine_top(q, index, depth, exclude, offset=offset)
+    return idx
+
+
+# ---------------------------------------------------------------------- round 0
+def baselines(ctx: Context) -> dict:
+    """BM25 and the zero-shot student on the report splits, and the teacher's training negatives
+    (BM25 and zero-shot dense top-N, labelled positives removed)."""
+    from md2pr_jax.retrieval import metrics
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+    from md2pr_jax.retrieval.evaluate import EVAL_KS, bm25_run, split_qrels
+
+    cfg, ds = ctx.config, ctx.dataset
+    bm25 = BM25Retriever.build(ds.doc_texts)
+    out: dict[str, Any] = {"bm25": {}, "zero_shot": {}}
+    for split in ctx.report_splits:
+        run = bm25_run(ds, split, cfg.retrieval.eval_depth, bm25)
+        out["bm25"][split] = metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+    q_rows = np.array(sorted(ctx.train_positives), np.int64)
+    pool = int(cfg.teacher_train.negative_pool)
+    all_pos = ds.positives(cfg.data.train_split)
+    idx, _ = bm25.search([ds.query_texts[q] for q in q_rows], pool + 8)
+    bm25_neg = np.full((len(q_rows), pool), -1, np.int64)
+    for i, q in enumerate(q_rows):
+        row = [d for d in idx[i] if d >= 0 and d not in all_pos.get(int(q), ())][:pool]
+        bm25_neg[i, : len(row)] = row
+    params = student_params(ctx, 0)
+    corpus = corpus_embeddings(ctx, params, 0)
+    out["zero_shot"] = evaluate(ctx, params, corpus)
+    dense_neg = dense_candidates(ctx, params, corpus, q_rows, pool, [set(all_pos.get(int(q), ())) for q in q_rows])
+    if ctx.main:
+        artifacts.save_arrays(ctx.layout.train_negatives, q_rows=q_rows, bm25=bm25_neg, dense=dense_neg)
+    return out
+
+
+def teacher_lists(ctx: Context, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of teacher lists: (query rows [E], doc rows [E, 1 + n]) shuffled, seeded by epoch."""
+    neg = artifacts.load_arrays(ctx.layout.train_negatives)
+    n = int(ctx.config.teacher_train.num_negatives)
+    rng = np.random.default_rng(derive_seed(ctx.config, "teacher_epoch", epoch))
+    qs, lists = [], []
+    for i, q in enumerate(neg["q_rows"]):
+        pool = list(dict.fromkeys(int(d) for d in np.concatenate([neg["bm25"][i], neg["dense"][i]]) if d >= 0))
+        for p in ctx.train_positives.get(int(q), []):
+            if len(pool) == 0:
+                continue
+            chosen = rng.choice(pool, size=n, replace=len(pool) < n)
+            qs.append(int(q))
+            lists.append([p, *chosen])
+    order = rng.permutation(len(qs))
+    return np.asarray(qs, np.int64)[order], np.asarray(lists, np.int64)[order]
+
+
+def teacher(ctx: Context) -> dict:
+    """Round 0: fine-tune the cross-encoder (through `train.train_loop`), save it to
+    params/teacher, and measure it as a BM25 reranker."""
+    from md2pr_jax.teacher import TeacherBatches, create_teacher_state, make_teacher_train_step
+    from md2pr_jax.train import numpy_tree, train_loop
+
+    cfg, tcfg, lay = ctx.config, ctx.config.teacher_train, ctx.layout
+    b = int(tcfg.batch_size)
+    spe = max(len(teacher_lists(ctx, 0)[0]) // b, 1)
+    total = int(tcfg.max_steps) or spe * int(tcfg.epochs)
+    history: list[dict] = []
+    params = params_lib.init_teacher_params(cfg)
+    if total > 0 and int(tcfg.epochs) > 0:
+        step_fn, tx, shardings = make_teacher_train_step(cfg, ctx.mesh, ctx.teacher, total)
+        state = create_teacher_state(cfg, ctx.mesh, params, tx, shardings)
+        ckpt_cfg = cfg.copy_and_resolve_references()
+        ckpt_cfg.train.checkpoint_every = int(tcfg.checkpoint_every)
+        manager = ckpt.make_checkpoint_manager(str(lay.ckpt("teacher")), ckpt_cfg)
+        restored = ckpt.restore(manager, abstract_state=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        if restored is not None:
+            state = restored["state"]
+        batches = TeacherBatches(lambda e: teacher_lists(ctx, e), ctx.dataset, b, shd.local_batch_slice(ctx.mesh, b),
+                                 spe, start=int(jax.device_get(state.step)))
+        state, logged = train_loop(cfg, str(lay.stage("teacher")), state, batches, step_fn, manager,
+                                   {"stage": "teacher"}, total, mesh=ctx.mesh, tag="teacher")
+        history = [{k: v for k, v in h.items() if k != "steps_per_s"} for h in logged]
+        params = numpy_tree(state.params)
+    # Every process calls the orbax save (it is collective: process 0 writes, all sync).
+    artifacts.save_params(lay.params("teacher"), params)
+    return {"teacher_rerank": teacher_rerank(ctx, params), "history": history, "steps": total}
+
+
+def teacher_rerank(ctx: Context, params) -> dict:
+    """The teacher reranking BM25's top `rerank_depth` on the report splits."""
+    from md2pr_jax.retrieval import metrics
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+    from md2pr_jax.retrieval.evaluate import EVAL_KS, split_qrels
+    from md2pr_jax.teacher import PairScorer
+
+    cfg, ds = ctx.config, ctx.dataset
+    depth = int(cfg.teacher_train.rerank_depth)
+    scorer = PairScorer(cfg, ctx.teacher, params, ds, ctx.mesh, int(cfg.teacher_train.score_batch_size))
+    bm25 = BM25Retriever.build(ds.doc_texts, progress=False)
+    out = {}
+    for split in ctx.report_splits:
+        rows = ds.query_indices(split)
+        idx, _ = bm25.search([ds.query_texts[r] for r in rows], depth, progress=False)
+        qq, dd = np.nonzero(idx >= 0)
+        scores = scorer.score(rows[qq], idx[qq, dd], desc=f"rerank {split}")
+        run: dict[str, dict[str, float]] = {}
+        for qi, di, s in zip(qq, dd, scores):
+            run.setdefault(ds.query_ids[rows[qi]], {})[ds.doc_ids[idx[qi, di]]] = float(s)
+        out[split] = metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+    return out
+
+
+# ---------------------------------------------------------------------- rounds 1..R
+def mine(ctx: Context, r: int) -> dict:
+    """Top-K candidates for every training query under the student of round r - 1."""
+    depth = int(ctx.config.rounds.mine_depth)
+    params = student_params(ctx, r - 1)
+    corpus = corpus_embeddings(ctx, params, r - 1)
+    pos = ctx.train_positives
+    q_rows = np.array(sorted(pos), np.int64)
+    cand = dense_candidates(ctx, params, corpus, q_rows, depth, [set(pos[int(q)]) for q in q_rows])
+    if ctx.main:
+        artifacts.save_arrays(ctx.layout.candidates(r), q_rows=q_rows, cand=cand)
+    return {"queries": len(q_rows), "depth": depth}
+
+
+def score(ctx: Context, r: int) -> dict:
+    """The round's one teacher pass over positives and mined candidates: logits (scores.npz)
+    and, for a 'cached' word-level loss, the attention maps of the chosen layers (attn.npy)."""
+    c = artifacts.load_arrays(ctx.layout.candidates(r))
+    pairs_q, pairs_d = filtering.scoring_pairs(c["q_rows"], c["cand"], ctx.train_positives)
+    if uses_teacher(ctx.config):
+        logits = _teacher_pass(ctx, r, pairs_q, np.where(pairs_d >= 0, pairs_d, 0))
+    else:
+        logits = np.zeros(len(pairs_q), np.float32)
+    if ctx.main:
+        artifacts.save_arrays(ctx.layout.scores(r), q=pairs_q, d=pairs_d, logits=logits)
+    return {"pairs": int(len(pairs_q))}
+
+
+def _teacher_pass(ctx: Context, r: int, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    from md2pr_jax.teacher import PairScorer
+    from md2pr_jax.train.step import teacher_layers
+
+    cfg = ctx.config
+    layers = teacher_layers(cfg) if cached_attention(cfg) else ()
+    scorer = PairScorer(cfg, ctx.teacher, teacher_params(ctx), ctx.dataset, ctx.mesh,
+                        int(cfg.teacher_train.score_batch_size), attention_layers=layers)
+    desc = f"round {r} teacher pass"
+    if not (layers and ctx.main):
+        return scorer.score(pairs_q, pairs_d, desc=desc)
+    target = ctx.layout.attention(r)
+    with artifacts.local_folder(target.parent) as folder:
+        tmp, final = os.path.join(folder, "attn.tmp.npy"), os.path.join(folder, target.name)
+        shape = (len(pairs_q), len(layers), cfg.data.max_query_len, cfg.data.max_passage_len)
+        # bfloat16 kept as raw uint16 bits: .npy has no bfloat16 type.
+        attn = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=shape)
+        logits = scorer.score(pairs_q, pairs_d, attn_out=attn.view(ml_dtypes.bfloat16), desc=desc)
+        attn.flush()
+        del attn
+        os.replace(tmp, final)
+    return logits
+
+
+def filter_round(ctx: Context, r: int) -> dict:
+    """Threshold update, false-negative flags, and the round's training lists (`filtering`)."""
+    from md2pr_jax.data.pipeline import TrainExamples
+    from md2pr_jax.train.step import word_candidates
+
+    cfg, fc, lay = ctx.config, ctx.config.filter, ctx.layout
+    c, s = artifacts.load_arrays(lay.candidates(r)), artifacts.load_arrays(lay.scores(r))
+    q_rows, cand = c["q_rows"], c["cand"]
+    scores = filtering.split_scores(s["logits"], q_rows, cand, ctx.train_positives)
+    pos_probs, cand_probs = scores.positive_probs(), filtering.sigmoid(scores.cand_logits)
+    tau_prev = lay.result(round_stage(r - 1, "filter"))["tau"] if r > 1 else float(fc.tau0)
+    # Without a filter the threshold is not used and does not move.
+    tau, tau_hat = filtering.update_threshold(fc, tau_prev, pos_probs) if fc.enabled else (tau_prev, float("nan"))
+    flagged, promoted = filtering.flag(fc, cand, cand_probs, tau)
+    n_neg = int(cfg.data.num_negatives)
+    lists = filtering.build_lists(q_rows, cand, scores, ctx.train_positives, flagged, promoted, n_neg,
+                                  np.random.default_rng(derive_seed(cfg, "negatives", r)), uses_teacher(cfg))
+    attn = None
+    if cached_attention(cfg):
+        import ml_dtypes
+
+        flat = artifacts.load_array(lay.attention(r), mmap=True)
+        attn = filtering.gather_attention(flat, lists.src[:, : word_candidates(cfg, 1 + n_neg)]).view(ml_dtypes.bfloat16)
+    examples = TrainExamples(lists.query, lists.docs, lists.mask, lists.teacher, attn)
+    if ctx.main:
+        with artifacts.local_folder(lay.examples(r)) as folder:
+            examples.save(folder)
+    valid = cand >= 0
+    result = {"round": r, "tau": tau, "tau_hat": tau_hat, "tau_prev": tau_prev, "flagged": int(flagged.sum()),
+              "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
+              **filtering.histograms(pos_probs, cand_probs, valid)}
+    if ctx.hidden:
+        result["planted"] = filtering.planted_check(flagged, cand, q_rows, ctx.hidden)
+    return result
+
+
+def train_student(ctx: Context, r: int) -> dict:
+    """Round r's student training from the round r - 1 student (resumes from its checkpoint)."""
+    from md2pr_jax.data.pipeline import TrainExamples, make_train_iterator, steps_per_epoch
+    from md2pr_jax.train import (
+        abstract_train_state, create_train_state, make_train_step, numpy_tree, place_teacher_params, train_loop,
+    )
+
+    cfg, lay, stage = ctx.config, ctx.layout, round_stage(r, "train")
+    examples = TrainExamples.load(artifacts.local_path(lay.examples(r)))
+    total = min(steps_per_epoch(len(examples), int(cfg.train.batch_size)) * int(cfg.train.epochs),
+                int(cfg.train.max_steps) or 1 << 30)
+    online = cfg.loss.teacher_mode == "online" and uses_teacher(cfg)
+    t_params = place_teacher_params(cfg, ctx.mesh, teacher_params(ctx), teacher=ctx.teacher) if online else None
+    step_fn = make_train_step(cfg, ctx.mesh, ctx.student, ctx.teacher if online else None, total_steps=total)
+    manager = ckpt.make_checkpoint_manager(str(lay.ckpt(stage)), cfg)
+    batches = make_train_iterator(examples, ctx.dataset, cfg, seed=derive_seed(cfg, "batch_order", r),
+                                  local_rows=shd.local_batch_slice(ctx.mesh, int(cfg.train.batch_size)))
+    restored = ckpt.restore(manager, abstract_state=abstract_train_state(cfg, ctx.mesh, ctx.student))
+    if restored is not None:
+        state = restored["state"]
+        batches.set_state(restored["data"])
+        logging.info("round %d: resuming training at step %d", r, restored["step"])
+    else:
+        rng = jax.random.PRNGKey(derive_seed(cfg, "student_state"))
+        state = create_train_state(cfg, ctx.mesh, student_params(ctx, r - 1), rng, student=ctx.student)
+    log = HistoryLog(lay.history(r), int(jax.device_get(state.step)), max(int(cfg.train.checkpoint_every), 1)) if ctx.main else None
+    state, _ = train_loop(cfg, str(lay.stage(stage)), state, batches, step_fn, manager, {"round": r}, total,
+                          mesh=ctx.mesh, teacher_params=t_params, tag=f"round {r}",
+                          on_step=log.on_step if log else None)
+    if log:
+        log.flush()
+    params = numpy_tree(state.params)
+    # Every process calls the orbax save (it is collective: process 0 writes, all sync).
+    artifacts.save_params(lay.student(r), params)
+    artifacts.save_params(lay.params("student"), params)
+    history = read_history(lay, r)
+    means = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "step"} if history else {}
+    return {"steps": total, "examples": len(examples), "mean": means}
+
+
+class HistoryLog:
+    """Every step's metrics in history.jsonl (one JSON line per step), rewritten whole every
+    `every` steps, the checkpoint interval (an object store cannot append): a resumed run finds
+    every step up to the checkpoint it resumes from, and logs the later ones again."""
+
+    def __init__(self, path, start: int, every: int):
+        self.path, self.every = path, every
+        self.rows = [h for h in _read_jsonl(path) if h["step"] <= start]
+
+    def on_step(self, step: int, _state, metrics) -> None:
+        self.rows.append({"step": int(step), **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        artifacts.write_text(self.path, "".join(json.dumps(h) + "\n" for h in self.rows))
+
+
+def _read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def read_history(layout: Layout, r: int) -> list[dict]:
+    """Round r's training metrics, one per step (the last record of a step wins)."""
+    by_step = {h["step"]: h for h in _read_jsonl(layout.history(r))}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def evaluate_round(ctx: Context, r: int) -> dict:
+    params = student_params(ctx, r)
+    return evaluate(ctx, params, corpus_embeddings(ctx, params, r))
+
+
+STAGES = {"baselines": baselines, "teacher": teacher, "mine": mine, "score": score, "filter": filter_round,
+          "train": train_student, "eval": evaluate_round}

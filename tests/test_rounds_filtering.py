@@ -1,0 +1,111 @@
+"""The false-negative filter's numerics (md2pr_jax.rounds.filtering), on small hand-made arrays."""
+
+import numpy as np
+import pytest
+
+from md2pr_jax.config import base_config
+from md2pr_jax.rounds import filtering
+
+
+def test_threshold_rule_moves_towards_the_positive_quantile():
+    fc = base_config().filter
+    fc.momentum, fc.quantile, fc.tau_min, fc.tau_max = 0.5, 0.1, 0.5, 0.99
+    probs = np.linspace(0.0, 1.0, 101)  # 10% quantile = 0.1
+    tau, tau_hat = filtering.update_threshold(fc, 0.9, probs)
+    assert tau_hat == pytest.approx(0.1)
+    assert tau == pytest.approx(0.5)  # 0.5*0.9 + 0.5*0.1 = 0.5, inside the clip
+    tau, _ = filtering.update_threshold(fc, 0.9, np.full(10, 0.05))
+    assert tau == pytest.approx(0.5)  # 0.475 clipped to tau_min
+    tau, _ = filtering.update_threshold(fc, 0.98, np.full(10, 1.0))
+    assert tau == pytest.approx(0.99)  # clipped to tau_max
+    fc.dynamic = False
+    assert filtering.update_threshold(fc, 0.6, probs)[0] == pytest.approx(fc.tau0)
+
+
+def test_planted_check_counts():
+    cand = np.array([[5, 6, 7], [8, 9, 10]])
+    flagged = np.array([[True, False, True], [False, False, True]])
+    hidden = {0: {5, 6}, 1: {11}}
+    out = filtering.planted_check(flagged, cand, np.array([0, 1]), hidden)
+    assert out["hidden_in_candidates"] == 2  # 5 and 6; 11 was not mined
+    assert out["flagged_hidden"] == 1  # 5
+    assert out["recall"] == pytest.approx(0.5)
+    assert out["precision"] == pytest.approx(1 / 3)
+
+
+def test_plant_hides_a_seeded_share_and_the_student_never_sees_it():
+    positives = {0: [1, 2], 1: [3], 2: [4, 5, 6], 3: [7]}  # 7 pairs
+    hidden = filtering.plant(positives, 0.3, seed=7)
+    assert sum(len(v) for v in hidden.values()) == 2  # round(0.3 * 7)
+    assert hidden == filtering.plant(positives, 0.3, seed=7)
+    assert filtering.plant(positives, 0.0, seed=7) == {}
+    visible = filtering.visible_positives(positives, {q: set(v) for q, v in hidden.items()})
+    for q, docs in positives.items():
+        assert sorted(visible[q] + hidden.get(q, [])) == docs
+
+
+def test_scoring_pairs_and_split_scores_are_inverse():
+    q_rows = np.array([3, 5])
+    cand = np.array([[10, 11, -1], [12, 13, 14]])
+    positives = {3: [1], 5: [2, 4]}
+    pq, pd = filtering.scoring_pairs(q_rows, cand, positives)
+    assert pq.tolist() == [3, 3, 3, 3, 5, 5, 5, 5, 5]
+    assert pd.tolist() == [1, 10, 11, -1, 2, 4, 12, 13, 14]
+    logits = np.arange(len(pq), dtype=np.float32)  # logit = index in the pass
+    s = filtering.split_scores(logits, q_rows, cand, positives)
+    assert s.start == [0, 4]
+    assert [x.tolist() for x in s.pos_logits] == [[0.0], [4.0, 5.0]]
+    assert s.cand_logits.tolist() == [[1, 2, 3], [6, 7, 8]]
+    np.testing.assert_allclose(s.positive_probs(), filtering.sigmoid([0.0, 4.0, 5.0]))
+
+
+def test_flags_and_promotion_respect_switches_and_padding():
+    fc = base_config().filter
+    cand = np.array([[1, 2, -1]])
+    probs = np.array([[0.95, 0.5, 0.99]])
+    flagged, promoted = filtering.flag(fc, cand, probs, 0.9)
+    assert flagged.tolist() == [[True, False, False]]  # padding (-1) is never flagged
+    assert not promoted.any()
+    fc.promote, fc.promote_tau = True, 0.94
+    assert filtering.flag(fc, cand, probs, 0.9)[1].tolist() == [[True, False, False]]
+    fc.enabled = False
+    flagged, promoted = filtering.flag(fc, cand, probs, 0.9)
+    assert not flagged.any() and not promoted.any()
+
+
+def test_build_lists_samples_unflagged_negatives_hardest_first():
+    q_rows = np.array([0])
+    cand = np.array([[10, 11, 12, 13]])
+    positives = {0: [1, 2]}
+    logits = np.array([5.0, 6.0, 0.1, 3.0, 9.0, 2.0], np.float32)  # pos 1, pos 2, then candidates
+    scores = filtering.split_scores(logits, q_rows, cand, positives)
+    flagged = np.array([[False, False, True, False]])  # 12 (logit 9) is a presumed false negative
+    lists = filtering.build_lists(q_rows, cand, scores, positives, flagged, np.zeros_like(flagged), 3,
+                                  np.random.default_rng(0), teacher_order=True)
+    assert lists.query.tolist() == [0, 0]
+    assert lists.docs[:, 0].tolist() == [1, 2]
+    for row, teacher, src, mask in zip(lists.docs, lists.teacher, lists.src, lists.mask):
+        assert sorted(row[1:].tolist()) == [10, 11, 13] and 12 not in row
+        assert row[1:].tolist() == [11, 13, 10]  # by teacher logit 3.0, 2.0, 0.1
+        np.testing.assert_allclose(teacher, logits[src])
+        assert mask.tolist() == [1, 1, 1, 1]
+    # Fewer usable candidates than negatives: padded, masked out, src -1.
+    short = filtering.build_lists(q_rows, cand, scores, positives, np.array([[True, True, True, False]]),
+                                  np.zeros_like(flagged), 3, np.random.default_rng(0), teacher_order=False)
+    assert short.docs[0].tolist() == [1, 13, 0, 0] and short.mask[0].tolist() == [1, 1, 0, 0]
+    assert short.src[0].tolist() == [0, 5, -1, -1]
+
+
+def test_gather_attention_picks_each_entrys_map():
+    flat = np.arange(6 * 1 * 2 * 3, dtype=np.float32).reshape(6, 1, 2, 3)  # [N, P, Lq, Lp]
+    src = np.array([[4, 2], [0, -1]])
+    out = filtering.gather_attention(flat, src)
+    assert out.shape == (2, 1, 2, 2, 3)
+    np.testing.assert_array_equal(out[0, :, 0], flat[4])
+    np.testing.assert_array_equal(out[0, :, 1], flat[2])
+    np.testing.assert_array_equal(out[1, :, 1], 0)
+
+
+def test_histograms_count_valid_candidates_only():
+    h = filtering.histograms(np.array([0.01, 0.99]), np.array([[0.5, 0.5]]), np.array([[True, False]]))
+    assert len(h["hist_bins"]) == 21 and sum(h["hist_positive"]) == 2 and sum(h["hist_candidate"]) == 1
