@@ -20,10 +20,11 @@ import optax
 from tqdm import tqdm
 
 from md2pr_jax import sharding as shd
+from md2pr_jax.models import with_dropout
 from md2pr_jax.seeds import derive_seed
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
 from md2pr_jax.train.state import TrainState, init_teacher_boxed
-from md2pr_jax.train.step import _micro_batches, teacher_forward
+from md2pr_jax.train.step import accumulate_grads, teacher_forward
 
 
 def list_loss(logits: jax.Array, cand_mask: jax.Array, pointwise_weight: float) -> tuple[jax.Array, dict]:
@@ -71,25 +72,18 @@ def make_teacher_train_step(config, mesh, teacher: nn.Module, total_steps: int):
     schedule = make_schedule(tcfg, total_steps)
     accum = int(tcfg.grad_accum)
 
-    def loss_fn(params, batch):
-        scores, _ = teacher_forward(teacher, params, batch, (), 1, mesh, frozen=False)
+    train_teacher = with_dropout(teacher)
+
+    def loss_fn(params, batch, rng):
+        scores, _ = teacher_forward(train_teacher, params, batch, (), 1, mesh, frozen=False, rng=rng)
         return list_loss(scores, batch["cand_mask"], float(tcfg.pointwise_weight))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch, _teacher_params=None):
         with shd.activation_context(mesh):
-            if accum == 1:
-                (_, metrics), grads = grad_fn(state.params, batch)
-            else:
-                def body(acc, mb):
-                    (_, m), g = grad_fn(state.params, mb)
-                    return jax.tree.map(jnp.add, acc, g), m
-
-                zeros = jax.tree.map(jnp.zeros_like, state.params)
-                grads, ms = jax.lax.scan(body, zeros, _micro_batches(batch, accum, mesh))
-                grads = jax.tree.map(lambda g: g / accum, grads)
-                metrics = jax.tree.map(lambda m: m.mean(0), ms)
+            rng = jax.random.fold_in(state.rng, state.step)
+            grads, metrics = accumulate_grads(grad_fn, state.params, batch, accum, mesh, rng)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))

@@ -123,6 +123,32 @@ def test_online_and_cached_teacher_give_the_same_loss(setup):
     np.testing.assert_allclose(m_on["lr"], config.train.lr, rtol=1e-6)  # warmup 0: full lr at step 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dropout_is_applied_in_training_only_when_configured(setup, dropout):
+    """Same params and batch, two rngs: with dropout the losses differ; without, they are equal.
+    The module built for encoding stays deterministic either way (same embedding twice)."""
+    _, mesh, *_ = setup
+    config = tiny_config(**{"model.attention_dropout": dropout, "model.hidden_dropout": dropout,
+                            "loss.use_word": False, "loss.use_sent": False})
+    student = student_from_config(config)
+    step = make_train_step(config, mesh, student, total_steps=10)
+    batch = shd.to_global(random_batch(config, 0), mesh)
+    losses = []
+    for seed in (0, 1):
+        state = create_train_state(config, mesh, rng=jax.random.PRNGKey(3), student=student)
+        state = state.replace(rng=jax.random.PRNGKey(100 + seed))
+        _, metrics = step(state, batch, None)
+        losses.append(float(metrics["loss"]))
+    if dropout:
+        assert abs(losses[0] - losses[1]) > 1e-4, losses
+    else:
+        assert losses[0] == losses[1], losses
+    params = create_train_state(config, mesh, rng=jax.random.PRNGKey(3), student=student).params
+    ids, mask = np.asarray(batch["q_ids"]), np.asarray(batch["q_mask"])
+    embs = [student.apply({"params": params}, ids, mask, method=type(student).encode_query)[0] for _ in range(2)]
+    np.testing.assert_array_equal(embs[0], embs[1])
+
+
 def test_pretrained_params_are_placed_and_train(setup):
     config, mesh, student, *_ = setup
     config = tiny_config(**{"loss.use_word": False, "loss.use_sent": False})

@@ -1,6 +1,6 @@
 """Flax models: one BERT encoder, the dual-encoder student and the cross-encoder teacher."""
 
-from md2pr_jax.models.bert import Bert, bert_module_config
+from md2pr_jax.models.bert import Bert, bert_module_config, with_dropout
 from md2pr_jax.models.cross_encoder import CrossEncoder, pair_inputs
 from md2pr_jax.models.dual_encoder import DualEncoder, pool
 
@@ -30,4 +30,5 @@ __all__ = [
     "pool",
     "student_from_config",
     "teacher_from_config",
+    "with_dropout",
 ]

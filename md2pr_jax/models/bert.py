@@ -197,6 +197,16 @@ class Bert(nn.Module):
         return out
 
 
+def with_dropout(module: nn.Module) -> nn.Module:
+    """The training copy of a student or teacher module: dropout on when `config.model`
+    sets a rate above 0 (the same module otherwise, so a dropout-free step stays deterministic).
+    Encoding, scoring and evaluation keep the deterministic module."""
+    c = module.cfg
+    if c["deterministic"] and max(c["attention_dropout"], c["hidden_dropout"]) > 0:
+        return module.clone(cfg={**c, "deterministic": False})
+    return module
+
+
 def bert_module_config(shape, model, deterministic: bool = True) -> dict:
     """Flattens a `bert_shape()` ConfigDict and `config.model` into the module's dict."""
     d = dict(shape)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from md2pr_jax import losses
 from md2pr_jax import sharding as shd
-from md2pr_jax.models import DualEncoder
+from md2pr_jax.models import DualEncoder, with_dropout
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
 from md2pr_jax.train.state import TrainState, state_shardings, teacher_param_shardings
 
@@ -55,6 +55,7 @@ def teacher_forward(
     k: int,
     mesh: Mesh | None = None,
     frozen: bool = True,
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The teacher over every (query, candidate) pair of the lists; `frozen` (the student's
     steps and the scoring pass) stops gradients, `frozen=False` is the teacher's own training.
@@ -74,7 +75,8 @@ def teacher_forward(
     )
     if mesh is not None:
         pairs = jax.lax.with_sharding_constraint(pairs, NamedSharding(mesh, P(shd.BATCH_AXES)))
-    logits, attn = teacher.apply({"params": teacher_params}, *pairs, attention_layers=attention_layers)
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, attn = teacher.apply({"params": teacher_params}, *pairs, attention_layers=attention_layers, rngs=rngs)
     scores = logits.reshape(b, c).astype(jnp.float32)
     if frozen:
         scores = jax.lax.stop_gradient(scores)
@@ -103,14 +105,16 @@ def student_forward(
     if mesh is not None:
         params = shd.gather_lookup_params(params, mesh)
     b, c, lp = batch["p_ids"].shape
-    rngs = {"dropout": rng} if rng is not None else {}
+    # Each tower draws its own dropout masks.
+    q_rngs = {"dropout": jax.random.fold_in(rng, 0)} if rng is not None else {}
+    p_rngs = {"dropout": jax.random.fold_in(rng, 1)} if rng is not None else {}
     q_emb, q_st = student.apply(
         {"params": params}, batch["q_ids"], batch["q_mask"], return_layers=layers,
-        method=DualEncoder.encode_query, rngs=rngs,
+        method=DualEncoder.encode_query, rngs=q_rngs,
     )
     p_emb, p_st = student.apply(
         {"params": params}, batch["p_ids"].reshape(b * c, lp), batch["p_mask"].reshape(b * c, lp),
-        return_layers=layers, method=DualEncoder.encode_passage, rngs=rngs,
+        return_layers=layers, method=DualEncoder.encode_passage, rngs=p_rngs,
     )
     n = student.cfg["num_layers"] + 1
     q_states = {ls: q_st[ls % n] for ls in layers}
@@ -165,6 +169,25 @@ def _micro_batches(batch: Batch, accum: int, mesh: Mesh) -> Batch:
     return jax.tree.map(split, dict(batch))
 
 
+def accumulate_grads(grad_fn: Callable, params: Any, batch: Batch, accum: int, mesh: Mesh, rng: jax.Array,
+                     *args: Any) -> tuple[Any, dict]:
+    """Gradients and metrics of `grad_fn(params, batch, *args, rng) -> ((loss, metrics), grads)`
+    over the whole batch, averaged over `accum` micro-batches scanned in turn (each with its own
+    rng; see `_micro_batches`). The one accumulation loop of the student's and the teacher's steps."""
+    if accum == 1:
+        (_, metrics), grads = grad_fn(params, batch, *args, rng)
+        return grads, metrics
+
+    def body(acc, xs):
+        mb, i = xs
+        (_, m), g = grad_fn(params, mb, *args, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, acc, g), m
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, ms = jax.lax.scan(body, zeros, (_micro_batches(batch, accum, mesh), jnp.arange(accum)))
+    return jax.tree.map(lambda g: g / accum, grads), jax.tree.map(lambda m: m.mean(0), ms)
+
+
 def make_train_step(
     config, mesh: Mesh, student: nn.Module, teacher: nn.Module | None = None, *, total_steps: int | None = None
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
@@ -182,25 +205,14 @@ def make_train_step(
         raise ValueError("make_train_step needs total_steps (or config.train.max_steps > 0) for the lr schedule")
     tx = make_optimizer(config.train, total_steps)
     schedule = make_schedule(config.train, total_steps)
-    loss_fn = _loss_fn(config, mesh, student, teacher)
+    loss_fn = _loss_fn(config, mesh, with_dropout(student), teacher)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = int(config.train.grad_accum)
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any):
         with shd.activation_context(mesh):
             rng = jax.random.fold_in(state.rng, state.step)
-            if accum == 1:
-                (_, metrics), grads = grad_fn(state.params, batch, teacher_params, rng)
-            else:
-                def body(acc, xs):
-                    mb, i = xs
-                    (_, m), g = grad_fn(state.params, mb, teacher_params, jax.random.fold_in(rng, i))
-                    return jax.tree.map(jnp.add, acc, g), m
-
-                zeros = jax.tree.map(jnp.zeros_like, state.params)
-                grads, ms = jax.lax.scan(body, zeros, (_micro_batches(batch, accum, mesh), jnp.arange(accum)))
-                grads = jax.tree.map(lambda g: g / accum, grads)
-                metrics = jax.tree.map(lambda m: m.mean(0), ms)
+            grads, metrics = accumulate_grads(grad_fn, state.params, batch, accum, mesh, rng, teacher_params)
             grad_norm = optax.global_norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             new_state = state.replace(
