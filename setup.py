@@ -9,7 +9,10 @@ setup(
     version="0.1.0",
     description="MD2PR dense retrievers (multi-level distillation) in JAX/Flax, from one CPU host to a TPU pod",
     packages=find_packages(include=["md2pr_jax", "md2pr_jax.*"]),
-    python_requires=">=3.11,<3.12",
+    # Every pin below has a manylinux x86_64 wheel for CPython 3.11, 3.12 and 3.13 (checked with
+    # `pip install --dry-run --only-binary=:all: --python-version 3.1X`); the one sdist among
+    # the dependencies is tensorflow-datasets' `promise`, pure Python.
+    python_requires=">=3.11,<3.14",
     install_requires=[
         f"jax=={JAX}",
         f"jaxlib=={JAX}",
@@ -33,8 +36,9 @@ setup(
         "numpy==2.4.6",
     ],
     extras_require={
-        # torch is pinned to the CPU build that lies on these machines' disk; an unpinned
-        # torch pulls a CUDA build of several GB.
+        # torch is pinned to the CPU build that lies on these machines' disk (CPython 3.11 only);
+        # an unpinned torch pulls a CUDA build of several GB. On Python 3.12 and 3.13 PyPI has
+        # only the CUDA build of torch==2.13.0 (with its nvidia-* libraries, several GB).
         "test": [
             "pytest==9.2.0",
             "torch==2.13.0",
@@ -44,6 +48,10 @@ setup(
         ],
         "bench": ["faiss-cpu==1.15.1"],
         "tpu": [f"jax[tpu]=={JAX}"],
+        # The CUDA 13 plugin of the pinned jax with its CUDA libraries from pip (NVIDIA driver
+        # >= 580); the same CUDA 13 libraries that PyPI's torch uses on 3.12+. On an older driver,
+        # install `jax[cuda12]=={JAX}` instead (driver >= 525).
+        "gpu": [f"jax[cuda13]=={JAX}"],
     },
     entry_points={"console_scripts": ["md2pr=md2pr_jax.main:run"]},
 )

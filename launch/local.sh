@@ -6,9 +6,10 @@
 #   bash launch/local.sh configs/scifact_minilm.py /tmp/scifact pipeline --config.rounds.num_rounds=1
 #
 # - Creates .venv with launch/setup.sh if it is missing (extras: $SETUP_EXTRAS, default test).
-# - GPU: when `nvidia-smi` works and JAX sees a GPU, runs with JAX_PLATFORMS=cuda; when
-#   nvidia-smi works but JAX has no CUDA backend, says how to install one and uses the CPU.
-#   JAX_PLATFORMS set by the caller wins.
+# - GPU: when `nvidia-smi` works and JAX has no CUDA backend yet, installs setup.py's `gpu` extra
+#   (launch/setup.sh "$SETUP_EXTRAS,gpu"); then runs with JAX_PLATFORMS=cuda when JAX sees a GPU,
+#   else (the install failed, e.g. offline or an old driver) says so and uses the CPU.
+#   JAX_PLATFORMS set by the caller wins (and installs nothing).
 # - MD2PR_DATA_DIR defaults to ../shared/data next to the repo when that folder exists.
 # - The workdir is never wiped: running the same command again resumes.
 set -euo pipefail
@@ -34,12 +35,19 @@ fi
 if [[ -z "${JAX_PLATFORMS:-}" ]]; then
   platform=cpu
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    if JAX_PLATFORMS=cuda "$python" -c 'import jax; assert jax.devices("gpu")' >/dev/null 2>&1; then
+    jax_sees_gpu() { JAX_PLATFORMS=cuda "$python" -c 'import jax; assert jax.devices("gpu")' >/dev/null 2>&1; }
+    if ! jax_sees_gpu; then
+      extras="${SETUP_EXTRAS:-test}"
+      [[ ",$extras," == *,gpu,* ]] || extras="$extras,gpu"
+      echo "local.sh: nvidia-smi sees a GPU; installing JAX's CUDA backend: bash launch/setup.sh $extras" >&2
+      bash launch/setup.sh "$extras" || echo "local.sh: installing the gpu extra failed" >&2
+    fi
+    if jax_sees_gpu; then
       platform=cuda
     else
       jax_version="$("$python" -c 'import jax; print(jax.__version__)')"
-      echo "local.sh: nvidia-smi sees a GPU but JAX has no CUDA backend; to use it:" >&2
-      echo "    $python -m pip install -U \"jax[cuda12]==$jax_version\"" >&2
+      echo "local.sh: nvidia-smi sees a GPU but JAX has no CUDA backend; the gpu extra (CUDA 13) needs" >&2
+      echo "    NVIDIA driver >= 580; on an older driver: $python -m pip install \"jax[cuda12]==$jax_version\"" >&2
       echo "local.sh: running on the CPU" >&2
     fi
   fi

@@ -3,6 +3,8 @@
 # Idempotent: a second run only checks that the install is complete.
 #   bash launch/setup.sh            # tests + AOT compile checks
 #   bash launch/setup.sh test       # tests only
+#   bash launch/setup.sh test,gpu   # tests + JAX's CUDA 13 backend (NVIDIA driver >= 580)
+#   PYTHON=python3.12 bash launch/setup.sh test   # Python 3.11 to 3.13 (3.12+: torch is a CUDA build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test,tpu}"
@@ -17,7 +19,8 @@ fi
 stamp=".venv/.md2pr_installed_${extras//,/_}"
 if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  # torch is pinned in setup.py to the CPU build on this machine's disk (no CUDA download).
+  # torch is pinned in setup.py to the CPU build on this machine's disk (no CUDA download on
+  # Python 3.11; PyPI has only CUDA builds of that torch for 3.12 and 3.13).
   .venv/bin/python -m pip install --quiet -e ".[${extras}]"
   touch "$stamp"
 fi
