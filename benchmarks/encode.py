@@ -7,7 +7,7 @@ PyTorch: `SentenceTransformer.encode` (which also sorts by length), tokenization
 as users run it. Also reports the largest |difference| between the two sets of embeddings.
 
     MD2PR_DATA_DIR=../shared/data .venv/bin/python benchmarks/encode.py \
-        [--max-len 256] [--batch-size 64] [--limit 0] [--out benchmarks/results/encode.json]
+        [--max-len 256] [--batch-size 64] [--limit 0] [--device cpu|gpu] [--dtype float32|bfloat16] [--out PATH]
 
 About 6-8 minutes for the full corpus at length 256 on an idle 2-core CPU. The corpus and
 query embeddings are kept in --cache (default: $TMPDIR/md2pr_bench) for benchmarks/ann.py.
@@ -32,8 +32,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="encode only the first N passages (0 = all)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "md2pr_bench"))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encode.json"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype in both (JAX config.model.dtype; sentence-transformers: the model cast)")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/encode_<device>.json")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", f"encode_{args.device}.json")
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
     if not os.environ.get("MD2PR_DATA_DIR"):
         raise SystemExit("set MD2PR_DATA_DIR to the folder holding scifact/")
 
@@ -53,6 +58,7 @@ def main() -> None:
     cfg.student.init = MINILM_ID
     cfg.data.max_passage_len = args.max_len
     cfg.data.max_query_len = args.max_query_len
+    cfg.model.dtype = args.dtype
     ds = prepare_dataset(cfg, args.cache)
     n = args.limit or ds.num_docs
     rows = np.arange(n)
@@ -71,7 +77,9 @@ def main() -> None:
     t = time.perf_counter()
     encode(fn, tokens, warm, **kw)
     compile_s = time.perf_counter() - t
-    model = SentenceTransformer(hf.resolve_pretrained(MINILM_ID), device="cpu")
+    model = SentenceTransformer(hf.resolve_pretrained(MINILM_ID), device="cuda" if args.device == "gpu" else "cpu")
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     model.max_seq_length = args.max_len
     model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
     # Interleave the two in chunks so that load from other jobs on a shared machine falls on both alike.
@@ -95,6 +103,8 @@ def main() -> None:
         "passages": int(n),
         "max_len": args.max_len,
         "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
         "mean_tokens": float(lengths.mean()),
         "jax": {"seconds": round(jax_s, 2), "passages_per_s": round(n / jax_s, 2), "compile_s": round(compile_s, 2),
                 "buckets": buckets},

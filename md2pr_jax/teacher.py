@@ -166,9 +166,7 @@ class PairScorer:
         q_rows, d_rows = np.asarray(q_rows), np.asarray(d_rows)
         n = len(q_rows)
         out = np.zeros(n, np.float32)
-        for start, batch in tqdm(self._batches(q_rows, d_rows), total=-(-n // self.batch_size), desc=desc,
-                                 unit="batch", dynamic_ncols=True):
-            scores, attn = self._fn(self.params, batch)
+        def store(start, scores, attn):
             m = min(self.batch_size, n - start)
             out[start : start + m] = _to_host(scores)[:m, 0]
             if attn is not None:
@@ -177,6 +175,16 @@ class PairScorer:
                 attn_host = _to_host(attn)
                 if attn_out is not None:
                     attn_out[start : start + m] = attn_host[:m, :, 0]
+
+        pending = None  # batch b+1 is dispatched before batch b is pulled to the host
+        for start, batch in tqdm(self._batches(q_rows, d_rows), total=-(-n // self.batch_size), desc=desc,
+                                 unit="batch", dynamic_ncols=True):
+            result = (start, *self._fn(self.params, batch))
+            if pending is not None:
+                store(*pending)
+            pending = result
+        if pending is not None:
+            store(*pending)
         return out
 
 
