@@ -81,16 +81,20 @@ class SelfAttention(nn.Module):
         # Heads moved in front of the length explicitly ([B, H, L, hd]; k as [B, H, hd, L]), the
         # scale applied to q: XLA:CPU then runs both products as plain batched matmuls. Written
         # as einsums over [B, L, H, hd] with the scale on the logits, the CPU forward of
-        # MiniLM took 25% longer (benchmarks/README: the profile).
+        # MiniLM took 25% longer (README, "Benchmarks": the profile).
         q = (proj("query") * (hd**-0.5)).transpose(0, 2, 1, 3)
         k = proj("key").transpose(0, 2, 3, 1)
         v = proj("value").transpose(0, 2, 1, 3)
-        logits = q @ k  # [B, H, L, L]
         # Softmax in float32 whatever the compute dtype: bf16 softmax loses the small weights.
-        probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
-        drop = nn.Dropout(c["attention_dropout"])(probs, deterministic=c["deterministic"])
-        ctx = (drop.astype(v.dtype) @ v).transpose(0, 2, 1, 3)  # [B, L, H, hd]
-        return ctx.reshape(*ctx.shape[:2], d), probs
+        logits = (q @ k).astype(jnp.float32) + bias  # [B, H, L, L]
+        weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        total = weights.sum(-1, keepdims=True)  # [B, H, L, 1]
+        # Normalised after the product with v, on [B, H, L, hd] rather than [B, H, L, L] (the
+        # same softmax; dropout's per-element mask commutes with the per-row division). The
+        # normalised probabilities are built only where a caller reads them (teacher maps).
+        drop = nn.Dropout(c["attention_dropout"])(weights, deterministic=c["deterministic"])
+        ctx = ((drop.astype(v.dtype) @ v) / total.astype(v.dtype)).transpose(0, 2, 1, 3)  # [B, L, H, hd]
+        return ctx.reshape(*ctx.shape[:2], d), weights / total
 
 
 class BertLayer(nn.Module):
