@@ -206,6 +206,7 @@ def _define_flags():
 
 def main(argv) -> None:
     del argv
+    from md2pr_jax.compile_cache import use_compilation_cache
     from md2pr_jax.config import validate
     from md2pr_jax.logs import quiet_library_logs
 
@@ -216,6 +217,7 @@ def main(argv) -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     config = validate(_CONFIG.value)
+    use_compilation_cache()
     table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value,
                 _REUSE_FROM.value)
     print(json.dumps(table))

@@ -73,6 +73,9 @@ def main(argv) -> None:
     if _TOPOLOGY.value:
         config.aot.topology = _TOPOLOGY.value
     validate(config)
+    from md2pr_jax.compile_cache import use_compilation_cache
+
+    use_compilation_cache()
     maybe_initialize_distributed(_DISTRIBUTED.value)
     resolve_mode(_MODE.value)(config, _WORKDIR.value)
 
