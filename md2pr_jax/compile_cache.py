@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 DEFAULT = os.path.join("~", ".cache", "md2pr_jax", "xla")
+MAX_BYTES = 2 * 1024**3  # least recently used programs are evicted beyond this
 
 
 def use_compilation_cache(folder: str | None = None, min_compile_s: float = 1.0) -> str | None:
@@ -30,4 +31,7 @@ def use_compilation_cache(folder: str | None = None, min_compile_s: float = 1.0)
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+    # A size cap turns on JAX's file lock around reads and writes: the processes of a
+    # multi-process run store the same programs at the same moment.
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder
