@@ -2,10 +2,10 @@
 
 Command:
     python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir runs/scifact --mode pipeline
-Runtime (measured on this 2-core CPU, otherwise idle): 81 min end to end. Baselines 2.8 min;
-teacher 31 min (150 steps 17.9 min, reranking BM25 top 50 on test and dev 13 min); each of the
-2 student rounds about 23.5 min (teacher pass over 15.4k pairs 10.3 min, 51 steps 10.4 min,
-evaluation 2.8 min).
+Runtime (measured on this 2-core CPU, otherwise idle): 72 min end to end (81 before the CPU
+speed work). Baselines 3.0 min; teacher 29.4 min (150 steps 19.2 min, about 16 undisturbed;
+reranking BM25 top 50 on test and dev 10.1 min); each of the 2 student rounds about 19.5 min
+(teacher pass over 15.4k pairs 8.3-8.6 min, 51 steps 8.7-9.0 min, evaluation 2.2 min).
 Result (SciFact test nDCG@10, see README): BM25 0.686, zero-shot 0.619, teacher rerank 0.739,
 MD2PR 0.680 after round 1 and 0.720 after round 2 (this seed; 0.723 ± 0.003 over 2 seeds). A
 plain DE with the same two rounds measures 0.728 ± 0.006: here the teacher does not help yet.
