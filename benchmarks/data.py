@@ -8,7 +8,7 @@
   - pipeline: batches per second from `make_train_iterator` for the MiniLM train-step shape
     (16 queries x 8 passages, Lq 32, Lp 128) over SciFact's 809 train queries, without and
     with cached teacher attention (P=1 layer pair, K=2, bf16), with 0 and 2 reader threads.
-    Compared with benchmarks/results/train_step.json where it exists (goal: >= 10x the step rate).
+    Compared with benchmarks/results/train_step_cpu.json where it exists (goal: >= 10x the step rate).
 
     MD2PR_DATA_DIR=../shared/data .venv/bin/python benchmarks/data.py [--batches 300] [--out PATH]
 
@@ -100,7 +100,7 @@ def main() -> None:
         "pipeline_batches_per_s": pipeline,
         "shape": {"queries": B, "passages_per_query": C, "Lq": LQ, "Lp": LP},
     }
-    step_path = os.path.join(os.path.dirname(args.out), "train_step.json")
+    step_path = os.path.join(os.path.dirname(args.out), "train_step_cpu.json")
     if os.path.exists(step_path):
         with open(step_path) as f:
             step = json.load(f)
@@ -115,7 +115,7 @@ def main() -> None:
 
 
 def _find_rate(step_json: dict) -> float | None:
-    """The fastest JAX steps/s in train_step.json, whatever its exact layout."""
+    """The fastest JAX steps/s in train_step_cpu.json, whatever its exact layout."""
     rates = []
 
     def walk(node, path=""):
