@@ -3,7 +3,7 @@
 Command:
     python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir runs/scifact --mode pipeline
 Runtime (measured on this 2-core CPU, otherwise idle): 72 min end to end (81 before the CPU
-speed work). Baselines 3.0 min; teacher 29.4 min (150 steps 19.2 min, about 16 undisturbed;
+speed work). Baselines 3.0 min; teacher 29.4 min (150 steps 19.2 min beside other work of mine, about 16 alone;
 reranking BM25 top 50 on test and dev 10.1 min); each of the 2 student rounds about 19.5 min
 (teacher pass over 15.4k pairs 8.3-8.6 min, 51 steps 8.7-9.0 min, evaluation 2.2 min).
 Result (SciFact test nDCG@10, see README): BM25 0.686, zero-shot 0.619, teacher rerank 0.739,

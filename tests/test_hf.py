@@ -14,7 +14,7 @@ from conftest import ROOT, make_tiny_config
 
 from md2pr_jax import hf
 from md2pr_jax.config import MINILM_ID, load_config
-from md2pr_jax.models import CrossEncoder, DualEncoder, student_from_config, teacher_from_config
+from md2pr_jax.models import DualEncoder, student_from_config, teacher_from_config
 from md2pr_jax.params import init_student_params, init_teacher_params
 
 QUERIES = ["Vitamin D deficiency raises the risk of fractures.", "Aspirin lowers mortality after a stroke."]
