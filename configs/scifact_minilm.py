@@ -43,7 +43,7 @@ def get_config():
     c.teacher_train.max_steps = 150  # ~1.5 epochs of the ~830 training lists
     c.teacher_train.warmup_steps = 10
     c.teacher_train.lr = 1e-4
-    c.teacher_train.rerank_depth = 50
+    c.teacher_train.rerank_depth = 100
     c.rounds.num_rounds = 2
     c.rounds.mine_depth = 20
     c.aot.topology = "v5e:2x2"

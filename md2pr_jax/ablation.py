@@ -44,13 +44,21 @@ def link_shared(shared: Layout, row: Layout) -> None:
         _link(shared, row, stage)
 
 
-# Keys that may differ between a finished pipeline run and the ablation reusing it.
+# Keys that may differ between a finished run and the ablation reusing it.
 REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
+# Keys only a row's own stages read (filter, training, evaluation, later rounds): where they
+# differ, the shared stages are still linked, but no round of a row.
+ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
+            "filter.dynamic", "filter.tau0", "filter.momentum", "filter.quantile", "filter.tau_min",
+            "filter.tau_max", "filter.promote", "filter.promote_tau", "data.num_negatives", "teacher.bm25_weight")
+# Keys only the rerank stage reads besides the row keys: where they differ it is not linked.
+RERANK_KEYS = ("teacher_train.rerank_depth",)
 
 
-def _comparable(cfg_dict: dict) -> dict:
+def _comparable(cfg_dict: dict, ignore: tuple[str, ...] = ()) -> dict:
     """A config as config.json holds it, over the current defaults (a key added since the source
-    ran counts as its default, a key removed since is dropped), without REUSE_FREE_KEYS."""
+    ran counts as its default, a key removed since is dropped), without REUSE_FREE_KEYS and
+    `ignore` (dotted keys; a section name drops the whole section)."""
     from md2pr_jax.config import base_config
 
     def merge(default, saved):
@@ -59,7 +67,7 @@ def _comparable(cfg_dict: dict) -> dict:
         return {k: merge(v, saved[k]) if k in saved else v for k, v in default.items()}
 
     d = merge(json.loads(base_config().to_json_best_effort()), json.loads(json.dumps(cfg_dict)))
-    for key in REUSE_FREE_KEYS:
+    for key in REUSE_FREE_KEYS + tuple(ignore):
         node = d
         *parents, leaf = key.split(".")
         for p in parents:
@@ -68,39 +76,58 @@ def _comparable(cfg_dict: dict) -> dict:
     return d
 
 
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
+
+
 def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     """Links finished stages of an earlier run into this ablation (`--reuse_from`), instead of
     recomputing them. The source is either a `--mode pipeline` workdir or an ablation workdir.
-    Its round 0 and round 1's mining and teacher pass go to WORKDIR/shared; every finished
-    round of a row goes to the same row and seed here: for a pipeline workdir, the row whose
-    config is the run's own; for an ablation workdir, each of its rows. The source must have
-    used the same config up to its name and number of rounds; anything else is refused. So a
-    2-round ablation can extend a 1-round one, running only round 2 of each row."""
+    Its round 0 and round 1's mining and teacher pass go to WORKDIR/shared, when the configs
+    differ at most in the name, the number of rounds and ROW_KEYS (the rerank stage: also not
+    in RERANK_KEYS); anything else is refused. Every finished round of a row goes to the same
+    row and seed here when that row's config is the same up to its name and number of rounds:
+    for a pipeline workdir, the row whose config is the run's own; for an ablation workdir,
+    each of its rows. So a 2-round ablation can extend a 1-round one, running only round 2 of
+    each row, and a sweep of a row key reuses round 0 and round 1's teacher pass."""
     src = Layout.at(source)
     is_ablation = src.rows_dir.is_dir()
     base = src.shared if is_ablation else src
     saved = artifacts.read_json(base.config_json)
     if saved is None:
         raise SystemExit(f"--reuse_from {src}: no {base.config_json} (neither a pipeline nor an ablation workdir)")
-    theirs, ours = _comparable(saved), _comparable(json.loads(config.to_json_best_effort()))
-    if theirs != ours:
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise SystemExit(f"--reuse_from {src}: its config differs from this one in {diff}; "
-                         "only the name and rounds.num_rounds may differ")
-    finished = [stage for stage in SHARED_STAGES if linkable(base, stage)]
+    ours = json.loads(config.to_json_best_effort())
+    diff = _differences(_comparable(saved, ROW_KEYS + RERANK_KEYS), _comparable(ours, ROW_KEYS + RERANK_KEYS))
+    if diff:
+        raise SystemExit(f"--reuse_from {src}: its config differs from this one in {diff}; only the name, "
+                         f"rounds.num_rounds, {', '.join(RERANK_KEYS)} and the row keys {', '.join(ROW_KEYS)} may differ")
+    same_rerank = not _differences(_comparable(saved, ROW_KEYS), _comparable(ours, ROW_KEYS))
+    finished = [stage for stage in SHARED_STAGES if linkable(base, stage) and (stage != "rerank" or same_rerank)]
     if not finished:
         raise SystemExit(f"--reuse_from {src}: it holds no finished stage to reuse (renamed or not run yet?)")
     linked = [_link(base, workdir.shared, stage) for stage in finished]
-    if is_ablation:
-        rows = [(Layout(p), workdir.rows_dir / p.name) for p in sorted(src.rows_dir.iterdir())]
-    else:
-        own = config.to_dict()
-        row = next((r for r in ROWS if _comparable(row_config(config, r, config.train.seed).to_dict()) ==
-                    _comparable(own)), None)
-        rows = [] if row is None else [(src, workdir.row(row, config.train.seed).root)]
-    for row_src, row_dst in rows:
-        linked += _link_rounds(config, row_src, Layout(row_dst))
+    sources = [Layout(p) for p in sorted(src.rows_dir.iterdir())] if is_ablation else [src]
+    for row_src in sources:
+        theirs = _comparable(artifacts.read_json(row_src.config_json) or {})
+        match = [(r, seed) for r in ROWS for seed in _seeds_of(row_src, config)
+                 if _comparable(row_config(config, r, seed).to_dict()) == theirs]
+        for r, seed in match[:1]:
+            linked += _link_rounds(config, row_src, workdir.row(r, seed))
     return [x for x in linked if x]
+
+
+def _seeds_of(row: Layout, config) -> list[int]:
+    """The student seed a source workdir ran with (its config.json), else this config's."""
+    saved = artifacts.read_json(row.config_json) or {}
+    return [int(saved.get("train", {}).get("seed", config.train.seed))]
 
 
 def _link_rounds(config, source: Layout, row: Layout) -> list[str | None]:
@@ -169,7 +196,8 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
     base.round(1, upto="score")
     common = base.results()["rows"]
     split = base.ctx.eval_split
-    table = {k: {m: common[k][m] for m in METRICS} for k in ("bm25", "zero_shot", "teacher_rerank") if k in common}
+    table = {k: {m: common[k][m] for m in METRICS} for k in ("bm25", "zero_shot", "teacher_rerank", "hybrid_rerank")
+             if k in common}
     shown = {k: dict(v) for k, v in table.items()}
     per_row: dict[str, dict] = {}
     for row in rows:

@@ -72,6 +72,11 @@ def base_config() -> ConfigDict:
     c.teacher.head = "cls"
     c.teacher.head_scale = 20.0
     c.teacher.head_bias = -10.0
+    # Hybrid teacher for the sentence level: the soft labels are the cross-encoder's logit plus
+    # bm25_weight * BM25(q, d) / max BM25(q, .). The filter still reads the cross-encoder's
+    # probability and the word level its attention. 0 = the cross-encoder alone. The rerank
+    # stage reports a sweep of this weight on every report split: choose it on dev.
+    c.teacher.bm25_weight = 0.0
 
     c.model = ConfigDict()
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU
@@ -143,7 +148,10 @@ def base_config() -> ConfigDict:
     c.teacher_train.score_batch_size = 64  # pairs per jitted scoring call
     c.teacher_train.checkpoint_every = 20
     c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
-    c.teacher_train.rerank_depth = 100
+    c.teacher_train.rerank_depth = 100  # 0: no rerank rows
+    # >1: cross-fitted teachers, fold k trained without fold k's training queries; each training
+    # query's candidates are scored by the teacher that never saw it (test/dev: their mean).
+    c.teacher_train.folds = 1
 
     # --- rounds, mining and the false-negative filter ----------------------------------
     c.rounds = ConfigDict()
@@ -255,6 +263,12 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("data.max_query_len", cfg.data.max_query_len)
     positive("data.max_passage_len", cfg.data.max_passage_len)
     positive("retrieval.encode_batch_size", cfg.retrieval.encode_batch_size)
+    positive("teacher_train.folds", cfg.teacher_train.folds)
+    if cfg.teacher_train.folds > 1 and cfg.loss.teacher_mode == "online":
+        raise ConfigError("config.teacher_train.folds > 1 needs loss.teacher_mode='cached': an online teacher "
+                          "in the step is one model, cross-fitted teachers are one per fold")
+    if cfg.teacher.bm25_weight < 0 or cfg.teacher_train.rerank_depth < 0:
+        raise ConfigError("config.teacher.bm25_weight and teacher_train.rerank_depth must be >= 0")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"config.train.batch_size={cfg.train.batch_size} is not divisible by "

@@ -25,6 +25,7 @@ ROWS = {
     "bm25": Row("BM25"),
     "zero_shot": Row("zero-shot student"),
     "teacher_rerank": Row("teacher rerank (BM25 top-k)"),
+    "hybrid_rerank": Row("hybrid teacher rerank (teacher + w BM25, BM25 top-k)"),
     "de": Row("DE (L_ce, mined negatives)",
               {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False}),
     "de_sent": Row("DE + sentence", {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False}),

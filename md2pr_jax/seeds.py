@@ -15,14 +15,16 @@ PURPOSES = {
     "student_state": "the student's TrainState rng (dropout)",
     # numpy.random.default_rng seeds
     "planted": "which training positives the planted check hides",
-    "teacher_epoch": "negatives and order of the teacher's lists in epoch `index`",
+    "teacher_epoch": "negatives and order of the teacher's lists in epoch `index` (fold teachers: (fold, epoch))",
+    "teacher_folds": "which training queries each cross-fitted teacher leaves out",
     "negatives": "round `index`'s negative sampling from the unflagged candidates",
     "batch_order": "round `index`'s batch order (the train iterator's seed)",
 }
 
 
-def derive_seed(config, purpose: str, index: int = 0) -> int | list[int]:
-    """The seed for `purpose` (see PURPOSES); `index` is the round or the epoch where one applies."""
+def derive_seed(config, purpose: str, index: int | tuple[int, int] = 0) -> int | list[int]:
+    """The seed for `purpose` (see PURPOSES); `index` is the round or the epoch where one applies
+    (a fold teacher's epoch: (fold, epoch))."""
     s, t = int(config.seed), int(config.train.seed)
     if purpose == "student_init" or purpose == "teacher_state":
         return s
@@ -33,7 +35,11 @@ def derive_seed(config, purpose: str, index: int = 0) -> int | list[int]:
     if purpose == "planted":
         return s + 7
     if purpose == "teacher_epoch":
+        if isinstance(index, tuple):
+            return [s, 2000 + int(index[0]), int(index[1])]
         return [s, 1000 + int(index)]
+    if purpose == "teacher_folds":
+        return s + 11
     if purpose == "negatives":
         return [s, t, int(index)]
     if purpose == "batch_order":

@@ -28,6 +28,21 @@ def test_search_stems_and_pads():
     assert set(run["a"]) == {"d0", "d2"} and run["b"] == {} and list(run["c"]) == ["d3"]
 
 
+def test_pair_scores_are_bm25_over_the_querys_best():
+    r = BM25Retriever.build(DOCS, progress=False)
+    queries = ["running cats", "zebra", "qubit"]
+    idx, scores = r.search(queries, k=4, progress=False)
+    q = np.array([0, 0, 0, 1, 2, 2, 0])
+    d = np.array([0, 2, 1, 0, 3, 0, -1])
+    got = r.pair_scores(queries, q, d)
+    best = scores[0, 0]
+    want0 = {int(i): s / best for i, s in zip(idx[0], scores[0]) if i >= 0}
+    np.testing.assert_allclose(got[:3], [want0[0], want0[2], 0.0], rtol=1e-6)
+    assert got[3] == 0.0  # unknown word: the query matches nothing
+    assert got[4] == 1.0 and got[5] == 0.0 and got[6] == 0.0  # the best doc; a non-match; padding
+    assert max(got[:2]) == 1.0
+
+
 def test_empty_corpus_error():
     with pytest.raises(ValueError, match="empty"):
         BM25Retriever.build([])

@@ -109,3 +109,14 @@ def test_gather_attention_picks_each_entrys_map():
 def test_histograms_count_valid_candidates_only():
     h = filtering.histograms(np.array([0.01, 0.99]), np.array([[0.5, 0.5]]), np.array([[True, False]]))
     assert len(h["hist_bins"]) == 21 and sum(h["hist_positive"]) == 2 and sum(h["hist_candidate"]) == 1
+
+
+def test_assign_folds_is_a_balanced_seeded_partition():
+    q_rows = np.arange(100, 203)
+    folds = filtering.assign_folds(q_rows, 3, 5)
+    assert set(folds) == set(q_rows.tolist())
+    sizes = np.bincount(list(folds.values()))
+    assert sizes.tolist() == [35, 34, 34]
+    assert folds == filtering.assign_folds(q_rows, 3, 5)
+    assert folds != filtering.assign_folds(q_rows, 3, 6)
+    assert set(filtering.assign_folds(q_rows, 1, 5).values()) == {0}

@@ -61,6 +61,30 @@ class BM25Retriever:
         idx[keep, :k_eff], scores[keep, :k_eff] = got, sc
         return idx, scores
 
+    def pair_scores(self, query_texts: Sequence[str], pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
+        """BM25(q, d) / max_d' BM25(q, d') for each pair (query_texts[pairs_q[i]], doc pairs_d[i]):
+        float32 [N] in [0, 1], 0 where the query matches nothing (or d is -1). Scale-free per
+        query, so it can be added to another ranker's logits (the hybrid teacher)."""
+        pairs_q, pairs_d = np.asarray(pairs_q, np.int64), np.asarray(pairs_d, np.int64)
+        out = np.zeros(len(pairs_q), np.float32)
+        if len(pairs_q) == 0:
+            return out
+        order = np.argsort(pairs_q, kind="stable")
+        bounds = np.flatnonzero(np.diff(pairs_q[order])) + 1
+        for group in np.split(order, bounds):
+            q = int(pairs_q[group[0]])
+            tokens = self.tokenizer.tokenize([query_texts[q]], update_vocab=False, return_as="string",
+                                             show_progress=False)[0]
+            if not tokens:
+                continue
+            all_scores = np.asarray(self.model.get_scores(tokens), np.float32)
+            top = float(all_scores.max())
+            if top <= 0:
+                continue
+            d = pairs_d[group]
+            out[group] = np.where(d >= 0, all_scores[np.maximum(d, 0)] / top, 0.0)
+        return out
+
 
 def to_run(
     query_ids: Sequence[str], doc_ids: Sequence[str], idx: np.ndarray, scores: np.ndarray

@@ -50,6 +50,12 @@ def plant(positives: dict[int, list[int]], fraction: float, seed) -> dict[int, l
     return hidden
 
 
+def assign_folds(q_rows: np.ndarray, folds: int, seed) -> dict[int, int]:
+    """query row -> fold in 0 .. folds - 1: a seeded permutation cut into near-equal parts."""
+    order = np.random.default_rng(seed).permutation(len(q_rows))
+    return {int(q_rows[i]): int(pos % max(folds, 1)) for pos, i in enumerate(order)}
+
+
 def visible_positives(positives: dict[int, list[int]], hidden: dict[int, set]) -> dict[int, list[int]]:
     """query row -> the labelled positives the student sees (the hidden ones removed)."""
     return {q: [d for d in docs if d not in hidden.get(q, set())] for q, docs in positives.items()}

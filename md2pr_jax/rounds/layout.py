@@ -3,8 +3,10 @@
     WORKDIR/config.json, timings.json, planted.json
     WORKDIR/data/                          prepared, tokenized dataset (md2pr_jax.data)
     WORKDIR/baselines/                     BM25 and zero-shot rows, teacher training negatives
-    WORKDIR/teacher/                       the teacher's fine-tuning (ckpt/) and rerank rows
-    WORKDIR/params/{teacher,student}/      the teacher after round 0, the latest student (orbax)
+    WORKDIR/teacher/                       the teacher's fine-tuning (ckpt/)
+    WORKDIR/rerank/                        the teacher (and hybrid) reranking BM25 top-k, scores kept
+    WORKDIR/params/{teacher,student}/      the teacher after round 0, the latest student (orbax);
+                                           params/teacher/fold<k>/ with cross-fitted teachers
     WORKDIR/rounds/rNN/{mine,score,filter,train,eval}/   round NN's stages
     WORKDIR/rounds/rNN/student/            the student after round NN (orbax)
     WORKDIR/eval/<split>.json              --mode evaluate
@@ -24,7 +26,7 @@ import os
 from etils import epath
 
 ROUND_STAGES = ("mine", "score", "filter", "train", "eval")  # the stages of a round, in order
-ROUND0_STAGES = ("baselines", "teacher")
+ROUND0_STAGES = ("baselines", "teacher", "rerank")
 DONE, RESULT = "DONE", "result.json"
 
 
@@ -128,6 +130,10 @@ class Layout:
         """The final params of 'teacher' (round 0) or 'student' (latest round)."""
         return self.root / "params" / which
 
+    def teacher_params(self, fold: int | None = None) -> epath.Path:
+        """The round-0 teacher, or cross-fitted teacher `fold`'s (params/teacher/fold<k>)."""
+        return self.params("teacher") if fold is None else self.params("teacher") / f"fold{fold}"
+
     def ckpt(self, stage: str) -> epath.Path:
         return self.stage(stage) / "ckpt"
 
@@ -144,6 +150,10 @@ class Layout:
     @property
     def train_negatives(self) -> epath.Path:
         return self.stage("baselines") / "train_negatives.npz"
+
+    def rerank_scores(self, split: str) -> epath.Path:
+        """The rerank stage's pairs on `split`: q, d (rows), ce (teacher logits), bm25 (normalised)."""
+        return self.stage("rerank") / f"{split}.npz"
 
     def corpus_emb(self, r: int) -> epath.Path:
         """Prefix of the cached corpus embeddings of the student after round r (0: zero-shot)."""
@@ -196,7 +206,8 @@ def prepare_dataset(config, layout: Layout):
 
 
 # What an ablation's rows share with WORKDIR/shared: round 0 and round 1's mining and teacher pass.
-SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", round_stage(1, "mine"), round_stage(1, "score"))
+SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", "rerank", round_stage(1, "mine"),
+                 round_stage(1, "score"))
 
 
 def linkable(layout: Layout, name: str) -> bool:

@@ -54,8 +54,8 @@ class Runner:
         return result
 
     def round0(self) -> dict:
-        """Baselines, then the teacher."""
-        return {"baselines": self.run("baselines"), "teacher": self.run("teacher")}
+        """Baselines, the teacher, then its rerank rows."""
+        return {"baselines": self.run("baselines"), "teacher": self.run("teacher"), "rerank": self.run("rerank")}
 
     def round(self, r: int, upto: str = "eval") -> dict:
         """Round r's stages in order, through `upto`."""
@@ -106,9 +106,11 @@ def results(ctx: stages.Context) -> dict:
     if base:
         rows["bm25"] = base["bm25"].get(split, {})
         rows["zero_shot"] = base["zero_shot"].get(split, {})
-    teacher = lay.result("teacher")
-    if teacher:
-        rows["teacher_rerank"] = teacher["teacher_rerank"].get(split, {})
+    rerank = lay.result("rerank") or lay.result("teacher")  # before the rerank stage, the teacher's held it
+    if rerank and "teacher_rerank" in rerank:
+        rows["teacher_rerank"] = rerank["teacher_rerank"].get(split, {})
+        if "hybrid_rerank" in rerank:
+            rows["hybrid_rerank"] = rerank["hybrid_rerank"].get(split, {})
     rounds = []
     for r in lay.finished_rounds():
         filt, train = lay.result(round_stage(r, "filter")), lay.result(round_stage(r, "train"))

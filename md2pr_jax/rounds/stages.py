@@ -101,8 +101,11 @@ def student_params(ctx: Context, r: int):
     return init if r == 0 else artifacts.load_params(ctx.layout.student(r), init)
 
 
-def teacher_params(ctx: Context):
-    return params_lib.saved_or_init(ctx.layout, "teacher", ctx.config)[0]
+def teacher_params(ctx: Context, fold: int | None = None):
+    """The round-0 teacher (fold k's of cross-fitted teachers), else the configured init."""
+    path = ctx.layout.teacher_params(fold)
+    init = params_lib.init_teacher_params(ctx.config)
+    return artifacts.load_params(path, init) if path.is_dir() else init
 
 
 def evaluate(ctx: Context, params, corpus) -> dict:
@@ -171,13 +174,23 @@ def baselines(ctx: Context) -> dict:
     return out
 
 
-def teacher_lists(ctx: Context, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch of teacher lists: (query rows [E], doc rows [E, 1 + n]) shuffled, seeded by epoch."""
+def teacher_folds(ctx: Context) -> dict[int, int]:
+    """Training query row -> its teacher fold (0 .. teacher_train.folds - 1), a seeded split."""
+    q_rows = np.array(sorted(ctx.dataset.positives(ctx.config.data.train_split)), np.int64)
+    return filtering.assign_folds(q_rows, int(ctx.config.teacher_train.folds), derive_seed(ctx.config, "teacher_folds"))
+
+
+def teacher_lists(ctx: Context, epoch: int, fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of teacher lists: (query rows [E], doc rows [E, 1 + n]) shuffled, seeded by epoch
+    (and fold: the lists of every training query outside that fold)."""
     neg = artifacts.load_arrays(ctx.layout.train_negatives)
     n = int(ctx.config.teacher_train.num_negatives)
-    rng = np.random.default_rng(derive_seed(ctx.config, "teacher_epoch", epoch))
+    rng = np.random.default_rng(derive_seed(ctx.config, "teacher_epoch", epoch if fold is None else (fold, epoch)))
+    folds = teacher_folds(ctx) if fold is not None else {}
     qs, lists = [], []
     for i, q in enumerate(neg["q_rows"]):
+        if fold is not None and folds.get(int(q)) == fold:
+            continue
         pool = list(dict.fromkeys(int(d) for d in np.concatenate([neg["bm25"][i], neg["dense"][i]]) if d >= 0))
         for p in ctx.train_positives.get(int(q), []):
             if len(pool) == 0:
@@ -190,60 +203,151 @@ def teacher_lists(ctx: Context, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def teacher(ctx: Context) -> dict:
-    """Round 0: fine-tune the cross-encoder (through `train.train_loop`), save it to
-    params/teacher, and measure it as a BM25 reranker."""
+    """Round 0: fine-tune the cross-encoder (through `train.train_loop`) and save it to
+    params/teacher. With teacher_train.folds = F > 1, F cross-fitted teachers instead
+    (params/teacher/fold<k>), fold k's trained without fold k's training queries: each training
+    query is then scored by a teacher that never saw it, as a test query is."""
+    folds = int(ctx.config.teacher_train.folds)
+    if folds <= 1:
+        return _train_teacher(ctx, None)
+    return {"folds": [_train_teacher(ctx, k) for k in range(folds)]}
+
+
+def _train_teacher(ctx: Context, fold: int | None) -> dict:
     from md2pr_jax.teacher import TeacherBatches, create_teacher_state, make_teacher_train_step
     from md2pr_jax.train import numpy_tree, train_loop
 
     cfg, tcfg, lay = ctx.config, ctx.config.teacher_train, ctx.layout
+    target = lay.teacher_params(fold)
+    if target.is_dir():  # a fold finished before an interruption
+        return artifacts.read_json(target.parent / f"{target.name}.json") or {}
     b = int(tcfg.batch_size)
-    spe = max(len(teacher_lists(ctx, 0)[0]) // b, 1)
+    spe = max(len(teacher_lists(ctx, 0, fold)[0]) // b, 1)
     total = int(tcfg.max_steps) or spe * int(tcfg.epochs)
     history: list[dict] = []
     params = params_lib.init_teacher_params(cfg)
+    name = "teacher" if fold is None else f"teacher/fold{fold}"
     if total > 0 and int(tcfg.epochs) > 0:
         step_fn, tx, shardings = make_teacher_train_step(cfg, ctx.mesh, ctx.teacher, total)
         state = create_teacher_state(cfg, ctx.mesh, params, tx, shardings)
         ckpt_cfg = cfg.copy_and_resolve_references()
         ckpt_cfg.train.checkpoint_every = int(tcfg.checkpoint_every)
-        manager = ckpt.make_checkpoint_manager(str(lay.ckpt("teacher")), ckpt_cfg)
+        manager = ckpt.make_checkpoint_manager(str(lay.ckpt(name)), ckpt_cfg)
         restored = ckpt.restore(manager, abstract_state=jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
         if restored is not None:
             state = restored["state"]
-        batches = TeacherBatches(lambda e: teacher_lists(ctx, e), ctx.dataset, b, shd.local_batch_slice(ctx.mesh, b),
-                                 spe, start=int(jax.device_get(state.step)))
-        state, logged = train_loop(cfg, str(lay.stage("teacher")), state, batches, step_fn, manager,
-                                   {"stage": "teacher"}, total, mesh=ctx.mesh, tag="teacher")
+        batches = TeacherBatches(lambda e: teacher_lists(ctx, e, fold), ctx.dataset, b,
+                                 shd.local_batch_slice(ctx.mesh, b), spe, start=int(jax.device_get(state.step)))
+        state, logged = train_loop(cfg, str(lay.stage(name)), state, batches, step_fn, manager,
+                                   {"stage": name}, total, mesh=ctx.mesh, tag=name)
         history = [{k: v for k, v in h.items() if k != "steps_per_s"} for h in logged]
         params = numpy_tree(state.params)
+    result = {"history": history, "steps": total}
+    if fold is not None:
+        result["fold"] = fold
+        if ctx.main:
+            artifacts.write_json(target.parent / f"{target.name}.json", result)
     # Every process calls the orbax save (it is collective: process 0 writes, all sync).
-    artifacts.save_params(lay.params("teacher"), params)
-    return {"teacher_rerank": teacher_rerank(ctx, params), "history": history, "steps": total}
+    artifacts.save_params(target, params)
+    return result
 
 
-def teacher_rerank(ctx: Context, params) -> dict:
-    """The teacher reranking BM25's top `rerank_depth` on the report splits."""
-    from md2pr_jax.retrieval import metrics
+class TeacherScorer:
+    """Scores (query, doc) pairs with the round-0 teacher; with cross-fitted folds, a training
+    query's pairs with the teacher of its fold (which never saw it) and any other query's with
+    the mean logit of all fold teachers (attention, for the cached word level: the first fold's)."""
+
+    def __init__(self, ctx: Context, attention_layers=()):
+        from md2pr_jax.teacher import PairScorer
+
+        cfg = ctx.config
+        self.folds = int(cfg.teacher_train.folds)
+        self.fold_of = teacher_folds(ctx) if self.folds > 1 else {}
+        batch = int(cfg.teacher_train.score_batch_size)
+        self.scorers = [PairScorer(cfg, ctx.teacher, teacher_params(ctx, k), ctx.dataset, ctx.mesh, batch,
+                                   attention_layers=attention_layers)
+                        for k in ([None] if self.folds <= 1 else range(self.folds))]
+
+    def score(self, pairs_q: np.ndarray, pairs_d: np.ndarray, attn_out=None, desc: str = "teacher scoring"):
+        if len(self.scorers) == 1:
+            return self.scorers[0].score(pairs_q, pairs_d, attn_out=attn_out, desc=desc)
+        fold = np.array([self.fold_of.get(int(q), -1) for q in pairs_q], np.int64)
+        logits = np.zeros(len(pairs_q), np.float32)
+        for k, scorer in enumerate(self.scorers):
+            # Queries of fold k by teacher k; queries of no fold by every teacher (their mean).
+            sel = np.flatnonzero((fold == k) | (fold < 0))
+            if len(sel) == 0:
+                continue
+            attn = None if attn_out is None else np.zeros((len(sel), *attn_out.shape[1:]), attn_out.dtype)
+            got = scorer.score(pairs_q[sel], pairs_d[sel], attn_out=attn, desc=f"{desc} (fold {k})")
+            shared = fold[sel] < 0
+            logits[sel] += np.where(shared, got / len(self.scorers), got)
+            if attn is not None:
+                mine = (fold[sel] == k) | (shared & (k == 0))
+                attn_out[sel[mine]] = attn[mine]
+        return logits
+
+
+HYBRID_SWEEP = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # bm25_weight values the rerank stage reports
+
+
+def rerank(ctx: Context) -> dict:
+    """The teacher reranking BM25's top `rerank_depth` on the report splits; with the pairs'
+    logits and normalised BM25 scores kept (rerank/<split>.npz), the hybrid teacher's rows for
+    every weight of HYBRID_SWEEP come free."""
     from md2pr_jax.retrieval.bm25 import BM25Retriever
-    from md2pr_jax.retrieval.evaluate import EVAL_KS, split_qrels
-    from md2pr_jax.teacher import PairScorer
 
-    cfg, ds = ctx.config, ctx.dataset
+    cfg, ds, lay = ctx.config, ctx.dataset, ctx.layout
     depth = int(cfg.teacher_train.rerank_depth)
-    scorer = PairScorer(cfg, ctx.teacher, params, ds, ctx.mesh, int(cfg.teacher_train.score_batch_size))
+    if depth <= 0:
+        return {"depth": 0}
+    scorer = TeacherScorer(ctx)
     bm25 = BM25Retriever.build(ds.doc_texts, progress=False)
-    out = {}
+    weight = float(cfg.teacher.bm25_weight)
+    out: dict[str, dict] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
+    if weight > 0:
+        out["hybrid_rerank"] = {}
     for split in ctx.report_splits:
         rows = ds.query_indices(split)
         idx, _ = bm25.search([ds.query_texts[r] for r in rows], depth, progress=False)
         qq, dd = np.nonzero(idx >= 0)
-        scores = scorer.score(rows[qq], idx[qq, dd], desc=f"rerank {split}")
-        run: dict[str, dict[str, float]] = {}
-        for qi, di, s in zip(qq, dd, scores):
-            run.setdefault(ds.query_ids[rows[qi]], {})[ds.doc_ids[idx[qi, di]]] = float(s)
-        out[split] = metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+        q, d = rows[qq], idx[qq, dd]
+        ce = scorer.score(q, d, desc=f"rerank {split}")
+        lexical = bm25.pair_scores(ds.query_texts, q, d)
+        if ctx.main:
+            artifacts.save_arrays(lay.rerank_scores(split), q=q, d=d, ce=ce, bm25=lexical)
+        out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce)
+        out["hybrid_sweep"][split] = {str(w): _rerank_metrics(ctx, split, q, d, ce + w * lexical)["ndcg@10"]
+                                      for w in HYBRID_SWEEP}
+        if weight > 0:
+            out["hybrid_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce + weight * lexical)
+        logging.info("rerank %s (BM25 top %d): teacher %s; nDCG@10 by bm25_weight %s", split, depth,
+                     out["teacher_rerank"][split], out["hybrid_sweep"][split])
     return out
+
+
+def _rerank_metrics(ctx: Context, split: str, q: np.ndarray, d: np.ndarray, scores: np.ndarray) -> dict:
+    from md2pr_jax.retrieval import metrics
+    from md2pr_jax.retrieval.evaluate import EVAL_KS, split_qrels
+
+    ds = ctx.dataset
+    run: dict[str, dict[str, float]] = {}
+    for qi, di, s in zip(q, d, scores):
+        run.setdefault(ds.query_ids[qi], {})[ds.doc_ids[di]] = float(s)
+    return metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+
+
+def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
+    """The sentence level's teacher scores: the cross-encoder's logits, plus
+    teacher.bm25_weight times the pairs' normalised BM25 scores when that weight is set."""
+    weight = float(ctx.config.teacher.bm25_weight)
+    if weight <= 0:
+        return logits
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+
+    bm25 = BM25Retriever.build(ctx.dataset.doc_texts, progress=False)
+    return logits + weight * bm25.pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
 
 
 # ---------------------------------------------------------------------- rounds 1..R
@@ -277,13 +381,11 @@ def score(ctx: Context, r: int) -> dict:
 def _teacher_pass(ctx: Context, r: int, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
     import ml_dtypes
 
-    from md2pr_jax.teacher import PairScorer
     from md2pr_jax.train.step import teacher_layers
 
     cfg = ctx.config
     layers = teacher_layers(cfg) if cached_attention(cfg) else ()
-    scorer = PairScorer(cfg, ctx.teacher, teacher_params(ctx), ctx.dataset, ctx.mesh,
-                        int(cfg.teacher_train.score_batch_size), attention_layers=layers)
+    scorer = TeacherScorer(ctx, attention_layers=layers)
     desc = f"round {r} teacher pass"
     if not (layers and ctx.main):
         return scorer.score(pairs_q, pairs_d, desc=desc)
@@ -310,12 +412,14 @@ def filter_round(ctx: Context, r: int) -> dict:
     q_rows, cand = c["q_rows"], c["cand"]
     scores = filtering.split_scores(s["logits"], q_rows, cand, ctx.train_positives)
     pos_probs, cand_probs = scores.positive_probs(), filtering.sigmoid(scores.cand_logits)
+    # The filter reads the cross-encoder's probabilities; the soft labels may be hybrid.
+    soft = filtering.split_scores(hybrid_logits(ctx, s["logits"], s["q"], s["d"]), q_rows, cand, ctx.train_positives)
     tau_prev = lay.result(round_stage(r - 1, "filter"))["tau"] if r > 1 else float(fc.tau0)
     # Without a filter the threshold is not used and does not move.
     tau, tau_hat = filtering.update_threshold(fc, tau_prev, pos_probs) if fc.enabled else (tau_prev, float("nan"))
     flagged, promoted = filtering.flag(fc, cand, cand_probs, tau)
     n_neg = int(cfg.data.num_negatives)
-    lists = filtering.build_lists(q_rows, cand, scores, ctx.train_positives, flagged, promoted, n_neg,
+    lists = filtering.build_lists(q_rows, cand, soft, ctx.train_positives, flagged, promoted, n_neg,
                                   np.random.default_rng(derive_seed(cfg, "negatives", r)), uses_teacher(cfg))
     attn = None
     if cached_attention(cfg):
@@ -409,5 +513,5 @@ def evaluate_round(ctx: Context, r: int) -> dict:
     return evaluate(ctx, params, corpus_embeddings(ctx, params, r))
 
 
-STAGES = {"baselines": baselines, "teacher": teacher, "mine": mine, "score": score, "filter": filter_round,
-          "train": train_student, "eval": evaluate_round}
+STAGES = {"baselines": baselines, "teacher": teacher, "rerank": rerank, "mine": mine, "score": score,
+          "filter": filter_round, "train": train_student, "eval": evaluate_round}
