@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md2pr_jax import artifacts, report
+from md2pr_jax import artifacts, compare, report
 from md2pr_jax.rounds.layout import SHARED_STAGES, Layout, linkable, round_stage, round_stages
 
 ROWS = report.STUDENT_ROWS  # row -> config switches on top of the experiment config
@@ -203,7 +203,8 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
     for row in rows:
         results = []
         for seed in seeds if row in multi_seed_rows else seeds[:1]:
-            results.append(_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)))
+            results.append({**_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)),
+                            "seed": seed})
             logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
         agg = aggregate(results)
         table[row] = agg
@@ -212,10 +213,27 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
         shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
                       for m in METRICS}
         artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
-    artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
+    paired = paired_with_de(per_row, split)
+    artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row,
+                                                **({"paired_vs_de": paired} if paired else {})})
     report.write(layout, {"split": split, "dataset": base.ctx.dataset.name, "rows": shown, "rounds": []}, {},
                  title=f"{config.name} ablation, {int(config.rounds.num_rounds)} student round(s) per row")
+    if paired and base.ctx.main:
+        artifacts.write_text(layout.report, layout.report.read_text() + "\n" + compare.markdown(paired))
     return table
+
+
+def paired_with_de(per_row: dict, split: str) -> dict | None:
+    """Every row against DE, paired by seed (`compare`), where DE and the row share 2+ seeds."""
+    def by_seed(row):
+        return {r["seed"]: {split: {m: r[m] for m in METRICS}, **{s: v for s, v in r.items() if isinstance(v, dict)}}
+                for r in per_row[row]["per_seed"]}
+
+    if "de" not in per_row:
+        return None
+    de = by_seed("de")
+    others = [(row, by_seed(row)) for row in per_row if row != "de" and len(set(by_seed(row)) & set(de)) > 1]
+    return compare.compare(("de", de), others) if others else None
 
 
 def _define_flags():

@@ -94,6 +94,12 @@ def test_ablation_writes_every_row(tmp_path):
         assert 0.0 <= table[row]["ndcg@10"] <= 1.0
     assert table["de"]["seeds"] == table["md2pr"]["seeds"] == 2
     assert len({r["ndcg@10"] for r in table["per_row"]["de"]["per_seed"]}) == 2  # seeds differ
+    # md2pr - de, paired by seed, on both splits.
+    delta = table["paired_vs_de"]["rows"]["md2pr"]["test"]["delta"]["ndcg@10"]
+    de_s, md_s = table["per_row"]["de"]["per_seed"], table["per_row"]["md2pr"]["per_seed"]
+    assert delta["n"] == 2 and delta["mean"] == pytest.approx(
+        sum(m["ndcg@10"] - d["ndcg@10"] for m, d in zip(md_s, de_s)) / 2)
+    assert "dev" in table["paired_vs_de"]["rows"]["md2pr"] and "Paired comparison" in (work / "REPORT.md").read_text()
     # Rows share round 0 and round 1's mining: one teacher, linked into every row.
     assert os.path.islink(work / "rows" / "md2pr_s1" / "teacher")
     assert "| MD2PR (+ dynamic filter) (`md2pr`)" in (work / "REPORT.md").read_text()

@@ -1,0 +1,53 @@
+"""md2pr_jax.compare: rows paired by seed across ablation workdirs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from md2pr_jax import compare
+
+
+def _row(workdir, row, seed, ndcg_test, ndcg_dev, rounds=1):
+    folder = workdir / "rows" / f"{row}_s{seed}"
+    folder.mkdir(parents=True)
+    metrics = lambda x: {"ndcg@10": x, "mrr@10": x - 0.1, "recall@100": 0.9}  # noqa: E731
+    res = {"rounds": [{"round": r, "metrics": {"test": metrics(ndcg_test - 0.01 * (rounds - r)),
+                                               "dev": metrics(ndcg_dev)}} for r in range(1, rounds + 1)]}
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_paired_difference_and_its_standard_error(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, (x, y) in enumerate([(0.70, 0.72), (0.68, 0.71), (0.72, 0.73)]):
+        _row(a, "de", seed, x, 0.6, rounds=2)
+        _row(b, "md2pr", seed, y, 0.61, rounds=2)
+    _row(b, "md2pr", 7, 0.9, 0.9, rounds=2)  # a seed the baseline lacks: not paired
+    (a / "rows" / "de_s9").mkdir()  # unfinished: no results.json
+    base = compare.row_runs(str(a), "de")
+    assert sorted(base) == [0, 1, 2]
+    result = compare.compare(("de", base), [("md2pr", compare.row_runs(str(b), "md2pr"))])
+    d = result["rows"]["md2pr"]["test"]["delta"]["ndcg@10"]
+    diffs = [0.02, 0.03, 0.01]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2) / math.sqrt(3)
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(mean) and d["se"] == pytest.approx(se) and d["beyond_2se"]
+    assert result["rows"]["md2pr"]["test"]["ndcg@10"]["n"] == 4  # the row's own mean uses all its seeds
+    assert compare.row_runs(str(a), "de", rnd=1)[0]["test"]["ndcg@10"] == pytest.approx(0.69)
+    assert "| `md2pr` | 4 |" in compare.markdown(result)
+
+
+def test_bad_specs_and_missing_rows(tmp_path):
+    with pytest.raises(ValueError, match="NAME=WORKDIR:ROW"):
+        compare.parse_spec("runs/abl:de")
+    assert compare.parse_spec("de=runs/a:b:de") == ("de", "runs/a:b", "de")
+    with pytest.raises(FileNotFoundError, match="not an ablation workdir"):
+        compare.row_runs(str(tmp_path), "de")
+    _row(tmp_path, "de", 0, 0.7, 0.7)
+    out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
+                          "--row", f"x={tmp_path}:md2pr"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "no finished md2pr_s<seed> rows" in out.stderr
