@@ -267,6 +267,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if cfg.teacher_train.folds > 1 and cfg.loss.teacher_mode == "online":
         raise ConfigError("config.teacher_train.folds > 1 needs loss.teacher_mode='cached': an online teacher "
                           "in the step is one model, cross-fitted teachers are one per fold")
+    if cfg.teacher.bm25_weight > 0 and cfg.loss.teacher_mode == "online":
+        raise ConfigError("config.teacher.bm25_weight > 0 needs loss.teacher_mode='cached': the hybrid soft labels "
+                          "are computed in the filter stage, an online teacher scores inside the step")
     if cfg.teacher.bm25_weight < 0 or cfg.teacher_train.rerank_depth < 0:
         raise ConfigError("config.teacher.bm25_weight and teacher_train.rerank_depth must be >= 0")
     if cfg.train.batch_size % cfg.train.grad_accum:

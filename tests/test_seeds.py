@@ -1,4 +1,5 @@
-"""Every seed by purpose (md2pr_jax.seeds): the values the published runs used."""
+"""Every seed by purpose (md2pr_jax.seeds): the values the published runs used; the config rules of
+the seeded teacher folds."""
 
 import pytest
 
@@ -25,3 +26,23 @@ def test_fold_teachers_epochs_have_their_own_seeds():
     c = base_config()
     assert derive_seed(c, "teacher_epoch", (1, 2)) == [0, 2001, 2]
     assert derive_seed(c, "teacher_epoch", (1, 2)) != derive_seed(c, "teacher_epoch", (0, 2))
+
+
+def test_fold_teachers_and_hybrid_labels_need_the_cached_teacher():
+    from md2pr_jax.config import ConfigError, validate
+
+    c = base_config()
+    c.loss.teacher_mode = "online"
+    c.teacher_train.folds = 2
+    with pytest.raises(ConfigError, match="folds > 1 needs loss.teacher_mode='cached'"):
+        validate(c)
+    c.teacher_train.folds = 1
+    c.teacher.bm25_weight = 4.0
+    with pytest.raises(ConfigError, match="bm25_weight > 0 needs loss.teacher_mode='cached'"):
+        validate(c)
+    c.loss.teacher_mode = "cached"
+    c.teacher.bm25_weight = -1.0
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        validate(c)
+    c.teacher.bm25_weight = 4.0
+    assert validate(c) is c
