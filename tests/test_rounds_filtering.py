@@ -120,3 +120,16 @@ def test_assign_folds_is_a_balanced_seeded_partition():
     assert folds == filtering.assign_folds(q_rows, 3, 5)
     assert folds != filtering.assign_folds(q_rows, 3, 6)
     assert set(filtering.assign_folds(q_rows, 1, 5).values()) == {0}
+
+
+def test_teacher_signal_ranks_each_positive_against_its_candidates():
+    cand = np.array([[5, 6, -1], [7, 8, 9]])
+    # query 0: positive logit 2 above both candidates; query 1: two positives, 1 and -1, candidates 0, 3, -2.
+    scores = filtering.RoundScores([np.array([2.0]), np.array([1.0, -1.0])],
+                                   np.array([[0.0, 1.0, 99.0], [0.0, 3.0, -2.0]], np.float32), [0, 3])
+    got = filtering.teacher_signal(scores, cand)
+    assert got["positive_rr"] == pytest.approx((1.0 + 1 / 2 + 1 / 3) / 3)  # the padded 99 is not a candidate
+    m0 = np.exp(2) / (np.exp(2) + np.exp(0) + np.exp(1))
+    m1 = np.exp(1) / (np.exp(1) + np.exp(0) + np.exp(3) + np.exp(-2))
+    m2 = np.exp(-1) / (np.exp(-1) + np.exp(0) + np.exp(3) + np.exp(-2))
+    assert got["positive_mass"] == pytest.approx((m0 + m1 + m2) / 3)

@@ -113,6 +113,24 @@ def split_scores(logits: np.ndarray, q_rows: np.ndarray, cand: np.ndarray, posit
     return RoundScores(pos_logits, cand_logits, start)
 
 
+def teacher_signal(scores: RoundScores, cand: np.ndarray) -> dict:
+    """How much the teacher's scores on a round's lists say beyond the labels: over every
+    labelled positive, its reciprocal rank among its query's mined candidates (1.0: the teacher
+    agrees with the label everywhere) and the softmax mass the teacher puts on it against those
+    candidates at T = 1 (near 1: the soft labels are the hard labels)."""
+    rr, mass = [], []
+    for i, pos in enumerate(scores.pos_logits):
+        neg = scores.cand_logits[i][cand[i] >= 0]
+        for p in pos:
+            rr.append(1.0 / (1 + int((neg > p).sum())))
+            z = np.concatenate([[p], neg]).astype(np.float64)
+            e = np.exp(z - z.max())
+            mass.append(e[0] / e.sum())
+    if not rr:
+        return {"positive_rr": float("nan"), "positive_mass": float("nan")}
+    return {"positive_rr": float(np.mean(rr)), "positive_mass": float(np.mean(mass))}
+
+
 def flag(filter_cfg, cand: np.ndarray, cand_probs: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
     """(flagged, promoted) bool [M, K]: presumed false negatives, and those joining the positives."""
     valid = cand >= 0

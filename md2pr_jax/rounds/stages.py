@@ -434,6 +434,7 @@ def filter_round(ctx: Context, r: int) -> dict:
     valid = cand >= 0
     result = {"round": r, "tau": tau, "tau_hat": tau_hat, "tau_prev": tau_prev, "flagged": int(flagged.sum()),
               "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
+              "teacher_signal": filtering.teacher_signal(soft, cand) if uses_teacher(cfg) else None,
               **filtering.histograms(pos_probs, cand_probs, valid)}
     if ctx.hidden:
         result["planted"] = filtering.planted_check(flagged, cand, q_rows, ctx.hidden)
