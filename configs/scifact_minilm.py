@@ -2,13 +2,16 @@
 
 Command:
     python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir runs/scifact --mode pipeline
-Runtime (measured on this 2-core CPU, otherwise idle): 72 min end to end (81 before the CPU
-speed work). Baselines 3.0 min; teacher 29.4 min (150 steps 19.2 min beside other work of mine, about 16 alone;
-reranking BM25 top 50 on test and dev 10.1 min); each of the 2 student rounds about 19.5 min
-(teacher pass over 15.4k pairs 8.3-8.6 min, 51 steps 8.7-9.0 min, evaluation 2.2 min).
-Result (SciFact test nDCG@10, see README): BM25 0.686, zero-shot 0.619, teacher rerank 0.739,
-MD2PR 0.680 after round 1 and 0.720 after round 2 (this seed; 0.723 ± 0.003 over 2 seeds). A
-plain DE with the same two rounds measures 0.728 ± 0.006: here the teacher does not help yet.
+Runtime (measured on this 2-core CPU): about 83 min end to end. The full run at 72 min
+reranked BM25's top 50 (10.1 min); reranking the top 100 took 20.9 min when run as its own
+stage on that workdir, with my test runs beside it for part of the time. The other stages:
+baselines 3.0 min, teacher 150 steps about 16 min alone, each of the 2 student rounds
+about 19.5 min (teacher pass over 15.4k pairs 8.3-8.6 min, 51 steps 8.7-9.0 min, evaluation
+2.2 min).
+Result (SciFact test nDCG@10, see README): BM25 0.686, zero-shot 0.619, teacher reranking
+BM25 top 100 0.738 (hybrid teacher + 8 BM25/max BM25, the weight chosen on dev: 0.775),
+MD2PR 0.680 after round 1 and 0.720 after round 2 (this seed). A plain DE with the same
+rounds is as good or better: the teacher does not help yet (README, "Does the teacher help?").
 """
 
 from md2pr_jax.config import MINILM_ID, base_config
