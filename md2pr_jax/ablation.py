@@ -184,6 +184,40 @@ def _run_row(config, shared: Layout, row_layout: Layout) -> dict:
     return {**by_split.pop(res["split"]), "tau": last["tau"], "flagged": last["flagged"], **by_split}
 
 
+def filter_only(config, workdir: str, rows: list[str], reuse_from: list[str] = ()) -> dict:
+    """`--upto filter`: round 0, round 1's mining and teacher pass, and each row's round-1 filter,
+    no training: what the planted check (config.filter.plant_fraction > 0) needs for round 1.
+    Writes WORKDIR/filter_only.json (per row: tau, flagged, planted) and a REPORT.md table."""
+    from md2pr_jax.rounds.runner import Runner
+
+    layout = Layout.at(workdir)
+    for source in reuse_from:
+        logging.info("reusing from %s: %s", source, reuse_run(config, source, layout))
+    base = Runner(config, layout.shared.root)
+    base.round0()
+    base.round(1, upto="score")
+    out = {}
+    for row in rows:
+        row_layout = layout.row(row, int(config.train.seed))
+        link_shared(layout.shared, row_layout)
+        runner = Runner(row_config(config, row, int(config.train.seed)), row_layout.root)
+        filt = runner.round(1, upto="filter")["filter"]
+        out[row] = {k: filt.get(k) for k in ("tau", "tau_hat", "flagged", "candidates", "planted", "teacher_signal")}
+        logging.info("filter-only row %s: %s", row, out[row])
+    artifacts.write_json(layout.root / "filter_only.json", out)
+    lines = [f"# {config.name}: round 1's filter per row (no training)", "",
+             "| row | tau | flagged | hidden in candidates | flagged hidden | recall | precision |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row, r in out.items():
+        p = r.get("planted") or {}
+        lines.append(f"| `{row}` | {r['tau']:.3f} | {r['flagged']} | {p.get('hidden_in_candidates', '–')} | "
+                     f"{p.get('flagged_hidden', '–')} | {p.get('recall', float('nan')):.3f} | "
+                     f"{p.get('precision', float('nan')):.3f} |")
+    if base.ctx.main:
+        artifacts.write_text(layout.report, "\n".join(lines) + "\n")
+    return out
+
+
 def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str],
         reuse_from: list[str] = ()) -> dict:
     from md2pr_jax.rounds.runner import Runner
@@ -247,7 +281,9 @@ def _define_flags():
     reuse = flags.DEFINE_list("reuse_from", [], "Earlier workdirs of the same config (`--mode pipeline` or ablation), "
                               "comma-separated: their round 0, round-1 mining and teacher pass, and their rows' finished "
                               "rounds are linked, not rerun; the first to hold a stage wins.")
-    return config, workdir, seeds, rows, multi, reuse
+    upto = flags.DEFINE_enum("upto", "eval", ["eval", "filter"], "eval: every row's rounds in full. filter: round 1 "
+                             "through each row's filter only, no training (the planted check's round 1; the first seed).")
+    return config, workdir, seeds, rows, multi, reuse, upto
 
 
 def main(argv) -> None:
@@ -264,11 +300,15 @@ def main(argv) -> None:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     config = validate(_CONFIG.value)
     use_compilation_cache()
+    if _UPTO.value == "filter":
+        config.train.seed = int(_SEEDS.value[0])
+        print(json.dumps(filter_only(config, _WORKDIR.value, _ROWS.value, _REUSE_FROM.value)))
+        return
     table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value,
                 _REUSE_FROM.value)
     print(json.dumps(table))
 
 
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM = _define_flags()
+    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM, _UPTO = _define_flags()
     app.run(main)

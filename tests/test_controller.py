@@ -209,3 +209,21 @@ def test_cross_fitted_teachers_and_hybrid_soft_labels(tmp_path):
     lexical = bm25.pair_scores(ctx.dataset.query_texts, ex.query_idx, first)
     assert lexical.max() > 0
     np.testing.assert_allclose(ex.teacher_scores[:, 0], ce + 2.0 * lexical, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.data
+def test_filter_only_rows_give_the_planted_check_without_training(tmp_path):
+    work = tmp_path / "planted"
+    out = subprocess.run(
+        [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
+         "--workdir", str(work), "--seeds", "3", "--rows", "md2pr,static_filter", "--upto", "filter",
+         "--config.rounds.num_rounds=1", "--config.filter.plant_fraction=0.3"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((work / "filter_only.json").read_text())
+    assert got["static_filter"]["tau"] == pytest.approx(0.9) and got["md2pr"]["tau"] < 0.9
+    for row in ("md2pr", "static_filter"):
+        p = got[row]["planted"]
+        assert p["hidden_positives"] > 0 and p["flagged"] == got[row]["flagged"]
+        assert not (work / "rows" / f"{row}_s3" / "rounds" / "r01" / "train").exists()  # nothing trained
+    assert "| `md2pr` |" in (work / "REPORT.md").read_text()
