@@ -2,7 +2,8 @@
 
 Command:
     python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir runs/scifact --mode pipeline
-Runtime (measured on this 2-core CPU): about 83 min end to end. The full run at 72 min
+Runtime (2-core CPU): about 83 min end to end, estimated from measured stages (not run end to
+end since the rerank depth went from 50 to 100). The full run at 72 min
 reranked BM25's top 50 (10.1 min); reranking the top 100 took 20.9 min when run as its own
 stage on that workdir, with my test runs beside it for part of the time. The other stages:
 baselines 3.0 min, teacher 150 steps about 16 min alone, each of the 2 student rounds
