@@ -103,7 +103,7 @@ def markdown(result: dict) -> str:
                           for d in (entry[split]["delta"][m] for m in METRICS)]
             lines.append(f"| `{name}` | {len(entry['seeds'])} | " + " | ".join(cells + deltas) + " |")
         lines.append("")
-    lines += ["Means ± standard deviation over seeds; Δ: mean paired difference from the baseline (same seed) ± its "
+    lines += ["Means ± sample standard deviation (ddof 1) over seeds; Δ: mean paired difference from the baseline (same seed) ± its "
               "standard error; * where Δ > 2 SE.", ""]
     return "\n".join(lines)
 
