@@ -116,18 +116,13 @@ def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     linked = [_link(base, workdir.shared, stage) for stage in finished]
     sources = [Layout(p) for p in sorted(src.rows_dir.iterdir())] if is_ablation else [src]
     for row_src in sources:
-        theirs = _comparable(artifacts.read_json(row_src.config_json) or {})
-        match = [(r, seed) for r in ROWS for seed in _seeds_of(row_src, config)
-                 if _comparable(row_config(config, r, seed).to_dict()) == theirs]
-        for r, seed in match[:1]:
-            linked += _link_rounds(config, row_src, workdir.row(r, seed))
+        saved_row = artifacts.read_json(row_src.config_json) or {}
+        seed = int(saved_row.get("train", {}).get("seed", config.train.seed))
+        theirs = _comparable(saved_row)
+        row = next((r for r in ROWS if _comparable(row_config(config, r, seed).to_dict()) == theirs), None)
+        if row is not None:
+            linked += _link_rounds(config, row_src, workdir.row(row, seed))
     return [x for x in linked if x]
-
-
-def _seeds_of(row: Layout, config) -> list[int]:
-    """The student seed a source workdir ran with (its config.json), else this config's."""
-    saved = artifacts.read_json(row.config_json) or {}
-    return [int(saved.get("train", {}).get("seed", config.train.seed))]
 
 
 def _link_rounds(config, source: Layout, row: Layout) -> list[str | None]:
