@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from md2pr_jax import artifacts, compare, report
-from md2pr_jax.rounds.layout import SHARED_STAGES, Layout, linkable, round_stage, round_stages
+from md2pr_jax.layout import SHARED_STAGES, Layout, linkable, round_stage, round_stages
 
 ROWS = report.STUDENT_ROWS  # row -> config switches on top of the experiment config
 METRICS = report.METRICS

@@ -1,6 +1,6 @@
 """Reading and writing the workdir's files through etils.epath, so that a workdir can be local
 or in a bucket (gs://): parameter trees (orbax), JSON and text written atomically, numpy
-arrays, and copies of local folders. Where each file lives is `rounds.layout`'s business.
+arrays, and copies of local folders. Where each file lives is `md2pr_jax.layout`'s business.
 """
 
 from __future__ import annotations

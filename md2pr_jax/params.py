@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from md2pr_jax import artifacts, hf
-from md2pr_jax.rounds.layout import Layout
+from md2pr_jax.layout import Layout
 from md2pr_jax.seeds import derive_seed
 
 Params = dict[str, Any]

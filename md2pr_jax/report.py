@@ -10,7 +10,7 @@ import math
 from etils import epath
 
 from md2pr_jax import artifacts
-from md2pr_jax.rounds.layout import Layout
+from md2pr_jax.layout import Layout
 
 @dataclasses.dataclass(frozen=True)
 class Row:

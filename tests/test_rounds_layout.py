@@ -1,4 +1,4 @@
-"""The workdir layout and its file I/O (md2pr_jax.rounds.layout, md2pr_jax.artifacts) on a local
+"""The workdir layout and its file I/O (md2pr_jax.layout, md2pr_jax.artifacts) on a local
 folder and on a gs:// workdir (epath's gs backend mapped onto a temporary folder), and the
 ablation's links between workdirs."""
 
@@ -10,7 +10,7 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from md2pr_jax import ablation, artifacts, report
-from md2pr_jax.rounds.layout import SHARED_STAGES, Layout, round_stage
+from md2pr_jax.layout import SHARED_STAGES, Layout, round_stage
 
 
 @contextlib.contextmanager

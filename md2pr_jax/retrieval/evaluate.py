@@ -107,7 +107,7 @@ def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
 def load_student_params(config, workdir: str):
     """(params, source): WORKDIR/params/student when present, else the configured initialisation."""
     from md2pr_jax import params
-    from md2pr_jax.rounds.layout import Layout
+    from md2pr_jax.layout import Layout
 
     return params.saved_or_init(Layout.at(workdir), "student", config)
 
@@ -115,7 +115,7 @@ def load_student_params(config, workdir: str):
 def evaluate_mode(config, workdir: str) -> dict:
     """Evaluates the student and BM25 on config.data.eval_split; writes WORKDIR/eval/<split>.json."""
     from md2pr_jax import artifacts
-    from md2pr_jax.rounds.layout import Layout, prepare_dataset
+    from md2pr_jax.layout import Layout, prepare_dataset
 
     split = config.data.eval_split
     dataset = prepare_dataset(config, Layout.at(workdir))

@@ -17,8 +17,8 @@ import jax
 from absl import logging
 
 from md2pr_jax import artifacts, report
+from md2pr_jax.layout import ROUND_STAGES, round_stage
 from md2pr_jax.rounds import stages
-from md2pr_jax.rounds.layout import ROUND_STAGES, round_stage
 
 
 def barrier(name: str) -> None:

@@ -26,8 +26,8 @@ from md2pr_jax import artifacts
 from md2pr_jax import checkpoint as ckpt
 from md2pr_jax import params as params_lib
 from md2pr_jax import sharding as shd
+from md2pr_jax.layout import Layout, prepare_dataset, round_stage
 from md2pr_jax.rounds import filtering
-from md2pr_jax.rounds.layout import Layout, prepare_dataset, round_stage
 from md2pr_jax.seeds import derive_seed
 
 
