@@ -249,3 +249,64 @@ def test_segment_cosine_teacher_export_matches_hf_on_the_packed_pair(tmp_path):
     cos = (q * p).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(p, axis=-1)
     np.testing.assert_allclose(ours, head["scale"] * cos + head["bias"], atol=1e-3)
     assert np.std(ours) > 0.1
+
+
+def test_layer_indices_match_hugging_face(tmp_path):
+    """Every form of a layer index, asked for alone, names the layer Hugging Face numbers so:
+    token states 0..n and -(n+1)..-1 are `hidden_states[l]`; attention 1..n and -n..-1 are
+    `attentions[l - 1]` / `attentions[l]` (head mean, query->passage block). The train step's
+    teacher and student forwards read the same layers: -1 is the last layer on both sides."""
+    import jax.numpy as jnp
+    from transformers import AutoModel
+
+    from md2pr_jax.config import bert_shape
+    from md2pr_jax.models import Bert
+    from md2pr_jax.models.bert import layer_index
+    from md2pr_jax.train.step import student_forward, teacher_forward
+
+    n = 3
+    cfg = make_tiny_config(**{"teacher.head": "segment_cosine"})
+    shape = dict(hidden_size=32, num_layers=n, num_heads=2, intermediate_size=64, max_position_embeddings=64)
+    cfg.teacher.bert, cfg.student.bert = bert_shape(**shape), bert_shape(**shape)
+    teacher = init_teacher_params(cfg, jax.random.PRNGKey(5))
+    tok = hf.load_tokenizer(cfg)
+    t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "t"), tok)
+    enc = tok(QUERIES[0], PASSAGES[0], return_tensors="np")  # one unpadded pair
+    ids, types = enc["input_ids"].astype(np.int32), enc["token_type_ids"].astype(np.int32)
+    split, end = int((types[0] == 0).sum()), ids.shape[1]
+    model = AutoModel.from_pretrained(t_dir, attn_implementation="eager")
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
+                    output_hidden_states=True, output_attentions=True)
+    assert len(ref.hidden_states) == n + 1 and len(ref.attentions) == n
+    bert = Bert(teacher_from_config(cfg).cfg, add_pooler=True)
+
+    def run(**kw):
+        return bert.apply({"params": teacher["bert"]}, ids, np.ones_like(ids), types,
+                          attention_block=(split, end), **kw)
+
+    for l in list(range(n + 1)) + list(range(-(n + 1), 0)):
+        (got,) = run(return_layers=(l,))["states"].values()
+        np.testing.assert_allclose(np.asarray(got), ref.hidden_states[l].numpy(), atol=2e-5, err_msg=f"states {l}")
+    for l in list(range(1, n + 1)) + list(range(-n, 0)):
+        (got,) = run(attention_layers=(l,))["attn"].values()
+        theirs = ref.attentions[l - 1 if l > 0 else l].numpy().mean(1)[:, :split, split:end]
+        np.testing.assert_allclose(np.asarray(got), theirs, atol=2e-6, err_msg=f"attention {l}")
+    # The layers differ, so a wrong index could not pass.
+    assert np.abs(ref.attentions[-1].numpy() - ref.attentions[-2].numpy()).max() > 1e-3
+
+    # The step's forwards key their outputs by the configured index and read the same layer.
+    q_ids, q_mask = _tokens(tok, QUERIES, cfg.data.max_query_len)
+    p_ids, p_mask = _tokens(tok, PASSAGES[:2], cfg.data.max_passage_len)
+    batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": np.stack([p_ids] * 2), "p_mask": np.stack([p_mask] * 2)}
+    t_mod = teacher_from_config(cfg)
+    _, by_form = teacher_forward(t_mod, teacher, batch, (-1, n, n - 1), 2)
+    np.testing.assert_array_equal(np.asarray(by_form[:, 0]), np.asarray(by_form[:, 1]))
+    assert float(jnp.abs(by_form[:, 0].astype(jnp.float32) - by_form[:, 2].astype(jnp.float32)).max()) > 1e-4
+    student = init_student_params(cfg, jax.random.PRNGKey(6))
+    _, _, q_states, _ = student_forward(student_from_config(cfg), student, batch, (-1, n, n - 1), 2)
+    np.testing.assert_array_equal(np.asarray(q_states[-1]), np.asarray(q_states[n]))
+    assert float(jnp.abs(q_states[-1] - q_states[n - 1]).max()) > 1e-4
+    for bad, attention in ((0, True), (n + 1, True), (-(n + 1), True), (n + 1, False), (-(n + 2), False)):
+        with pytest.raises(ValueError, match="out of range"):
+            layer_index(bad, n, attention=attention)

@@ -187,8 +187,8 @@ class Bert(nn.Module):
             type_ids = jnp.zeros_like(ids)
         if pos_ids is None:
             pos_ids = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        want_states = {l % (n + 1) for l in return_layers}
-        want_attn = {((l - 1) % n) + 1 for l in attention_layers}
+        want_states = {layer_index(l, n) for l in return_layers}
+        want_attn = {layer_index(l, n, attention=True) for l in attention_layers}
 
         x = Embeddings(c, name="embeddings")(ids, type_ids, pos_ids)
         x = nn_partitioning.with_sharding_constraint(x, (BATCH, LENGTH, EMBED))
@@ -211,6 +211,24 @@ class Bert(nn.Module):
             dense = _dense(c["hidden_size"], (EMBED, None), c, "pooler")
             out["pooled"] = jnp.tanh(dense(x[:, 0]))
         return out
+
+
+def layer_index(layer: int, num_layers: int, *, attention: bool = False) -> int:
+    """The layer a configured index names, as Hugging Face counts them.
+
+    Token states: 0 is the embeddings output, i the output of layer i, -1 the last layer
+    (`hidden_states[l]` in Hugging Face). Attention: 1..n are layers 1..n, -1 the last
+    (`attentions[l - 1]`, or `attentions[l]` for negative l). Out-of-range indices raise.
+    """
+    first = 1 if attention else 0
+    lo, hi = (-num_layers if attention else -(num_layers + 1)), num_layers
+    if not (lo <= layer <= hi) or (attention and layer == 0):
+        kind = "attention" if attention else "token-state"
+        raise ValueError(
+            f"{kind} layer {layer} is out of range for a {num_layers}-layer encoder: use "
+            f"{first}..{num_layers} or {lo}..-1 (negative from the end)"
+        )
+    return layer if layer >= first else num_layers + 1 + layer
 
 
 def with_dropout(module: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from md2pr_jax import losses
 from md2pr_jax import sharding as shd
 from md2pr_jax.models import DualEncoder, with_dropout
+from md2pr_jax.models.bert import layer_index
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
 from md2pr_jax.train.state import TrainState, state_shardings, teacher_param_shardings
 
@@ -83,7 +84,7 @@ def teacher_forward(
     if not attention_layers:
         return scores, None
     n = teacher.cfg["num_layers"]
-    maps = [attn[(lt - 1) % n + 1].reshape(b, c, lq, lp)[:, :k] for lt in attention_layers]
+    maps = [attn[layer_index(lt, n, attention=True)].reshape(b, c, lq, lp)[:, :k] for lt in attention_layers]
     return scores, jax.lax.stop_gradient(jnp.stack(maps, axis=1).astype(jnp.bfloat16))
 
 
@@ -116,9 +117,9 @@ def student_forward(
         {"params": params}, batch["p_ids"].reshape(b * c, lp), batch["p_mask"].reshape(b * c, lp),
         return_layers=layers, method=DualEncoder.encode_passage, rngs=p_rngs,
     )
-    n = student.cfg["num_layers"] + 1
-    q_states = {ls: q_st[ls % n] for ls in layers}
-    p_states = {ls: p_st[ls % n].reshape(b, c, lp, -1)[:, :k] for ls in layers}
+    n = student.cfg["num_layers"]
+    q_states = {ls: q_st[layer_index(ls, n)] for ls in layers}
+    p_states = {ls: p_st[layer_index(ls, n)].reshape(b, c, lp, -1)[:, :k] for ls in layers}
     return q_emb, p_emb.reshape(b, c, -1), q_states, p_states
 
 
