@@ -62,6 +62,11 @@ def summarize(values: list[float]) -> dict:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
 
 
+def _mark(delta: dict) -> str:
+    """' *' for a gain beyond 2 SE, ' †' for a loss beyond 2 SE, '' otherwise."""
+    return " *" if delta.get("beyond_2se") else " †" if delta.get("below_2se") else ""
+
+
 def paired(base: dict[int, dict], other: dict[int, dict], split: str, metric: str) -> dict:
     """Mean paired difference other - base over the seeds both have, with its standard error."""
     seeds = sorted(set(base) & set(other))
@@ -70,7 +75,8 @@ def paired(base: dict[int, dict], other: dict[int, dict], split: str, metric: st
     n = len(diffs)
     se = float(diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     mean = float(diffs.mean()) if n else float("nan")
-    return {"mean": mean, "se": se, "n": n, "seeds": seeds, "beyond_2se": bool(n > 1 and mean > 2 * se)}
+    return {"mean": mean, "se": se, "n": n, "seeds": seeds, "beyond_2se": bool(n > 1 and mean > 2 * se),
+            "below_2se": bool(n > 1 and mean < -2 * se)}
 
 
 def compare(baseline: tuple[str, dict], rows: list[tuple[str, dict]]) -> dict:
@@ -99,12 +105,12 @@ def markdown(result: dict) -> str:
             if name == base:
                 deltas = ["–"] * len(METRICS)
             else:
-                deltas = [f"{d['mean']:+.4f} ± {d['se']:.4f}{' *' if d['beyond_2se'] else ''}"
+                deltas = [f"{d['mean']:+.4f} ± {d['se']:.4f}{_mark(d)}"
                           for d in (entry[split]["delta"][m] for m in METRICS)]
             lines.append(f"| `{name}` | {len(entry['seeds'])} | " + " | ".join(cells + deltas) + " |")
         lines.append("")
     lines += ["Means ± sample standard deviation (ddof 1) over seeds; Δ: mean paired difference from the baseline (same seed) ± its "
-              "standard error; * where Δ > 2 SE.", ""]
+              "standard error; * where Δ > 2 SE, † where Δ < -2 SE.", ""]
     return "\n".join(lines)
 
 

@@ -36,9 +36,27 @@ def test_paired_difference_and_its_standard_error(tmp_path):
     se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2) / math.sqrt(3)
     assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
     assert d["mean"] == pytest.approx(mean) and d["se"] == pytest.approx(se) and d["beyond_2se"]
+    assert not d["below_2se"]
     assert result["rows"]["md2pr"]["test"]["ndcg@10"]["n"] == 4  # the row's own mean uses all its seeds
     assert compare.row_runs(str(a), "de", rnd=1)[0]["test"]["ndcg@10"] == pytest.approx(0.69)
     assert "| `md2pr` | 4 |" in compare.markdown(result)
+
+
+def test_losses_beyond_two_standard_errors_are_marked(tmp_path):
+    """A row worse than the baseline by more than 2 SE is marked (†) as a gain is (*); a
+    difference within 2 SE gets neither."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for seed, (x, y, z) in enumerate([(0.70, 0.68, 0.71), (0.68, 0.65, 0.66), (0.72, 0.71, 0.73)]):
+        _row(a, "de", seed, x, 0.6)
+        _row(b, "worse", seed, y, 0.6)
+        _row(c, "noisy", seed, z, 0.6)
+    runs = lambda w, r: compare.row_runs(str(w), r)  # noqa: E731
+    result = compare.compare(("de", runs(a, "de")), [("worse", runs(b, "worse")), ("noisy", runs(c, "noisy"))])
+    worse, noisy = (result["rows"][k]["test"]["delta"]["ndcg@10"] for k in ("worse", "noisy"))
+    assert worse["mean"] == pytest.approx(-0.02) and worse["below_2se"] and not worse["beyond_2se"]
+    assert not noisy["below_2se"] and not noisy["beyond_2se"]
+    table = compare.markdown(result)
+    assert "-0.0200 ± 0.0058 †" in table and "†" not in table.split("`noisy`")[1].split("\n")[0]
 
 
 def test_bad_specs_and_missing_rows(tmp_path):
