@@ -50,9 +50,13 @@ REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
 # differ, the shared stages are still linked, but no round of a row.
 ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
             "filter.dynamic", "filter.tau0", "filter.momentum", "filter.quantile", "filter.tau_min",
-            "filter.tau_max", "filter.promote", "filter.promote_tau", "data.num_negatives", "teacher.bm25_weight")
+            "filter.tau_max", "filter.promote", "filter.promote_tau", "filter.tau_source", "filter.keep_flagged",
+            "data.num_negatives", "teacher.bm25_weight")
 # Keys only the rerank stage reads besides the row keys: where they differ it is not linked.
 RERANK_KEYS = ("teacher_train.rerank_depth",)
+# Keys round 0 never reads (the pseudo-queries join from round 1's mining on): where they
+# differ, round 0 is linked but round 1's mining and teacher pass are run anew.
+PSEUDO_KEYS = ("data.pseudo_queries", "data.pseudo_kind")
 
 
 def _comparable(cfg_dict: dict, ignore: tuple[str, ...] = ()) -> dict:
@@ -105,12 +109,17 @@ def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     if saved is None:
         raise SystemExit(f"--reuse_from {src}: no {base.config_json} (neither a pipeline nor an ablation workdir)")
     ours = json.loads(config.to_json_best_effort())
-    diff = _differences(_comparable(saved, ROW_KEYS + RERANK_KEYS), _comparable(ours, ROW_KEYS + RERANK_KEYS))
+    free = ROW_KEYS + RERANK_KEYS + PSEUDO_KEYS
+    diff = _differences(_comparable(saved, free), _comparable(ours, free))
     if diff:
         raise SystemExit(f"--reuse_from {src}: its config differs from this one in {diff}; only the name, "
-                         f"rounds.num_rounds, {', '.join(RERANK_KEYS)} and the row keys {', '.join(ROW_KEYS)} may differ")
-    same_rerank = not _differences(_comparable(saved, ROW_KEYS), _comparable(ours, ROW_KEYS))
-    finished = [stage for stage in SHARED_STAGES if linkable(base, stage) and (stage != "rerank" or same_rerank)]
+                         f"rounds.num_rounds, {', '.join(RERANK_KEYS + PSEUDO_KEYS)} and the row keys "
+                         f"{', '.join(ROW_KEYS)} may differ")
+    same_rerank = not _differences(_comparable(saved, ROW_KEYS + PSEUDO_KEYS), _comparable(ours, ROW_KEYS + PSEUDO_KEYS))
+    same_pseudo = not _differences(_comparable(saved, ROW_KEYS + RERANK_KEYS), _comparable(ours, ROW_KEYS + RERANK_KEYS))
+    round1 = (round_stage(1, "mine"), round_stage(1, "score"))
+    finished = [stage for stage in SHARED_STAGES if linkable(base, stage) and (stage != "rerank" or same_rerank)
+                and (stage not in round1 or same_pseudo)]
     if not finished:
         raise SystemExit(f"--reuse_from {src}: it holds no finished stage to reuse (renamed or not run yet?)")
     linked = [_link(base, workdir.shared, stage) for stage in finished]
@@ -271,7 +280,8 @@ def _define_flags():
     config = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
     workdir = flags.DEFINE_string("workdir", None, "Ablation workdir.")
     seeds = flags.DEFINE_list("seeds", ["0", "1"], "Seeds for the student rows (DE and MD2PR need at least 2).")
-    rows = flags.DEFINE_list("rows", list(ROWS), "Student rows to run.")
+    rows = flags.DEFINE_list("rows", [r for r, sw in ROWS.items() if not sw.get("train.pseudo")],
+                             "Student rows to run (the *_pseudo rows need config.data.pseudo_queries > 0).")
     multi = flags.DEFINE_list("multi_seed_rows", ["de", "md2pr"], "Rows run with every seed; the others with the first.")
     reuse = flags.DEFINE_list("reuse_from", [], "Earlier workdirs of the same config (`--mode pipeline` or ablation), "
                               "comma-separated: their round 0, round-1 mining and teacher pass, and their rows' finished "
@@ -294,6 +304,8 @@ def main(argv) -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     config = validate(_CONFIG.value)
+    for row in _ROWS.value:  # a row's own switches must make a valid config too (e.g. *_pseudo rows)
+        validate(row_config(config, row, int(_SEEDS.value[0])))
     use_compilation_cache()
     if _UPTO.value == "filter":
         config.train.seed = int(_SEEDS.value[0])

@@ -103,6 +103,10 @@ def base_config() -> ConfigDict:
     c.data.max_eval_queries = 0
     c.data.num_negatives = 7  # hard negatives per query in a training list
     c.data.num_workers = 0
+    # >0: this many pseudo-queries cut from the corpus (data/pseudo.py), mined and scored by
+    # the teacher in every round beside the training queries; train.pseudo trains on them.
+    c.data.pseudo_queries = 0
+    c.data.pseudo_kind = "sentence"  # 'sentence' (a seeded sentence of the passage) | 'first'
 
     # --- losses -------------------------------------------------------------------------
     c.loss = ConfigDict()
@@ -132,6 +136,7 @@ def base_config() -> ConfigDict:
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.log_every = 10
+    c.train.pseudo = False  # train on the pseudo-queries' lists too (needs data.pseudo_queries > 0)
 
     # --- teacher (round 0) --------------------------------------------------------------
     c.teacher_train = ConfigDict()
@@ -169,6 +174,13 @@ def base_config() -> ConfigDict:
     c.filter.promote = False  # candidates above promote_tau join the positives
     c.filter.promote_tau = 0.99
     c.filter.plant_fraction = 0.0  # >0: the planted check hides this share of positives
+    # Where tau_hat's positives come from: 'train' (the labelled training positives, which a
+    # single teacher trained on) or 'pseudo' (the pseudo-queries' source passages: positives
+    # the teacher never trained on; needs data.pseudo_queries > 0).
+    c.filter.tau_source = "train"
+    # True: flagged candidates leave the contrastive negatives but stay in the distillation
+    # lists (sentence and word level) with their teacher scores; False: dropped from every loss.
+    c.filter.keep_flagged = False
 
     # --- retrieval ----------------------------------------------------------------------
     c.retrieval = ConfigDict()
@@ -264,6 +276,17 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("data.max_passage_len", cfg.data.max_passage_len)
     positive("retrieval.encode_batch_size", cfg.retrieval.encode_batch_size)
     positive("teacher_train.folds", cfg.teacher_train.folds)
+    from md2pr_jax.data.pseudo import KINDS as PSEUDO_KINDS
+
+    if cfg.data.pseudo_queries < 0:
+        raise ConfigError(f"config.data.pseudo_queries must be >= 0, got {cfg.data.pseudo_queries}")
+    if cfg.data.pseudo_kind not in PSEUDO_KINDS:
+        raise ConfigError(f"config.data.pseudo_kind={cfg.data.pseudo_kind!r} is not one of {PSEUDO_KINDS}")
+    if cfg.filter.tau_source not in ("train", "pseudo"):
+        raise ConfigError(f"config.filter.tau_source={cfg.filter.tau_source!r} is not 'train' or 'pseudo'")
+    for key, on in (("train.pseudo", cfg.train.pseudo), ("filter.tau_source='pseudo'", cfg.filter.tau_source == "pseudo")):
+        if on and cfg.data.pseudo_queries <= 0:
+            raise ConfigError(f"config.{key} needs pseudo-queries: set config.data.pseudo_queries > 0")
     if cfg.teacher_train.folds > 1 and cfg.loss.teacher_mode == "online":
         raise ConfigError("config.teacher_train.folds > 1 needs loss.teacher_mode='cached': an online teacher "
                           "in the step is one model, cross-fitted teachers are one per fold")

@@ -1,6 +1,6 @@
 """The workdir layout: every path of a run, named in one place, on etils.epath (local or gs://).
 
-    WORKDIR/config.json, timings.json, planted.json
+    WORKDIR/config.json, timings.json, planted.json, pseudo.json
     WORKDIR/data/                          prepared, tokenized dataset (md2pr_jax.data)
     WORKDIR/baselines/                     BM25 and zero-shot rows, teacher training negatives
     WORKDIR/teacher/                       the teacher's fine-tuning (ckpt/)
@@ -99,6 +99,10 @@ class Layout:
     @property
     def planted(self) -> epath.Path:
         return self.root / "planted.json"
+
+    @property
+    def pseudo(self) -> epath.Path:
+        return self.root / "pseudo.json"
 
     @property
     def data(self) -> epath.Path:

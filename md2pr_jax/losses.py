@@ -219,7 +219,10 @@ def compute_loss(
       q_states: {student layer: [B, Lq, D]}, keys exactly pair[0] of `loss_cfg.layer_pairs`.
       p_states: {student layer: [B, K, Lp, D]} for the first K candidates of each list.
       batch: q_mask [B, Lq], p_mask [B, C, Lp], cand_mask [B, C], teacher_scores [B, C],
-        teacher_attn [B, P, K, Lq, Lp] (P in `layer_pairs` order; needed when use_word).
+        teacher_attn [B, P, K, Lq, Lp] (P in `layer_pairs` order; needed when use_word), and
+        optionally kd_mask [B, C]: the candidates the teacher terms (sentence, word, margin-MSE)
+        read, where they differ from cand_mask (flagged candidates kept for the teacher's
+        scores, out of the contrastive negatives); default cand_mask.
 
     Returns:
       (loss, metrics) with metrics 'loss', 'loss_ce', 'loss_sent', 'loss_word', 'loss_mse'
@@ -229,6 +232,7 @@ def compute_loss(
     with L_sent scaled by T^2 and L_word the mean over layer pairs.
     """
     cand_mask = batch["cand_mask"]
+    kd_mask = batch.get("kd_mask", cand_mask)
     s = list_scores(q_emb, p_emb, scale)  # [B, C]
     zero = jnp.zeros((), jnp.float32)
     terms = {"loss_ce": zero, "loss_sent": zero, "loss_word": zero, "loss_mse": zero}
@@ -239,7 +243,7 @@ def compute_loss(
         total = total + terms["loss_ce"]
     if loss_cfg.use_sent:
         terms["loss_sent"] = sentence_kl(
-            s, batch["teacher_scores"], cand_mask, loss_cfg.kd_temperature
+            s, batch["teacher_scores"], kd_mask, loss_cfg.kd_temperature
         )
         total = total + loss_cfg.alpha * terms["loss_sent"]
     if loss_cfg.use_word:
@@ -269,13 +273,13 @@ def compute_loss(
                     p_states[ls],
                     batch["p_mask"][:, :k],
                     attn[:, i, :k],
-                    cand_mask[:, :k],
+                    kd_mask[:, :k],
                 )
             )
         terms["loss_word"] = sum(per_pair) / len(per_pair)
         total = total + loss_cfg.beta * terms["loss_word"]
     if loss_cfg.use_margin_mse:
-        terms["loss_mse"] = margin_mse(s, batch["teacher_scores"], cand_mask)
+        terms["loss_mse"] = margin_mse(s, batch["teacher_scores"], kd_mask)
         total = total + loss_cfg.gamma * terms["loss_mse"]
 
     metrics = {"loss": total, **terms, "acc": list_accuracy(jax.lax.stop_gradient(s), cand_mask)}

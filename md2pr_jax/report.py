@@ -21,20 +21,25 @@ class Row:
     switches: dict | None = None
 
 
+_LABELLED = {"train.pseudo": False}  # student rows train on the labelled queries, whatever the config says
 ROWS = {
     "bm25": Row("BM25"),
     "zero_shot": Row("zero-shot student"),
     "teacher_rerank": Row("teacher rerank (BM25 top-k)"),
     "hybrid_rerank": Row("hybrid teacher rerank (teacher + w BM25, BM25 top-k)"),
     "de": Row("DE (L_ce, mined negatives)",
-              {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False}),
-    "de_sent": Row("DE + sentence", {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False}),
-    "de_sent_word": Row("DE + sentence + word", {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": False}),
+              {"loss.use_sent": False, "loss.use_word": False, "loss.use_margin_mse": False, "filter.enabled": False, **_LABELLED}),
+    "de_sent": Row("DE + sentence", {"loss.use_sent": True, "loss.use_word": False, "filter.enabled": False, **_LABELLED}),
+    "de_sent_word": Row("DE + sentence + word", {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": False, **_LABELLED}),
     "md2pr": Row("MD2PR (+ dynamic filter)",
-                 {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": True}),
+                 {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": True, **_LABELLED}),
     "static_filter": Row("static filter (tau = 0.9)",
-                         {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False}),
+                         {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False, **_LABELLED}),
 }
+# Soft against hard labels on the same pseudo-queries (data.pseudo_queries > 0): DE trains on
+# each pseudo-query's source passage as its positive, MD2PR on the teacher's scores as well.
+for _name in ("de", "md2pr"):
+    ROWS[f"{_name}_pseudo"] = Row(f"{ROWS[_name].title} + pseudo-queries", {**ROWS[_name].switches, "train.pseudo": True})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 
 
@@ -42,10 +47,12 @@ def row_name(config) -> str:
     """The student row a config belongs to (md2pr for the full method)."""
     lc, fc = config.loss, config.filter
     if fc.enabled:
-        return "md2pr" if fc.dynamic else "static_filter"
-    if lc.use_word:
-        return "de_sent_word"
-    return "de_sent" if lc.use_sent else "de"
+        name = "md2pr" if fc.dynamic else "static_filter"
+    elif lc.use_word:
+        name = "de_sent_word"
+    else:
+        name = "de_sent" if lc.use_sent else "de"
+    return f"{name}_pseudo" if config.train.pseudo and f"{name}_pseudo" in ROWS else name
 
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")

@@ -17,6 +17,7 @@ PURPOSES = {
     "planted": "which training positives the planted check hides",
     "teacher_epoch": "negatives and order of the teacher's lists in epoch `index` (fold teachers: (fold, epoch))",
     "teacher_folds": "which training queries each cross-fitted teacher leaves out",
+    "pseudo_queries": "which passages give pseudo-queries, and which sentence of each (shared by every row)",
     "negatives": "round `index`'s negative sampling from the unflagged candidates",
     "batch_order": "round `index`'s batch order (the train iterator's seed)",
 }
@@ -40,6 +41,8 @@ def derive_seed(config, purpose: str, index: int | tuple[int, int] = 0) -> int |
         return [s, 1000 + int(index)]
     if purpose == "teacher_folds":
         return s + 11
+    if purpose == "pseudo_queries":
+        return s + 13
     if purpose == "negatives":
         return [s, t, int(index)]
     if purpose == "batch_order":

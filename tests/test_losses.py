@@ -370,3 +370,31 @@ def test_compute_loss_jits_and_names_missing_layers():
     bad = dict(case, q_states={-1: case["q_states"][-1]})
     with pytest.raises(ValueError, match=r"q_states lacks student layer\(s\) \[2\]"):
         losses.compute_loss(cfg, **bad)
+
+
+def test_kd_mask_keeps_flagged_candidates_for_the_teacher_terms_only():
+    """With kd_mask, a candidate masked out of cand_mask (a flagged false negative) leaves the
+    contrastive loss and the accuracy but stays in the sentence, word and margin-MSE terms."""
+    case = _full_case()
+    b = case["batch"]
+    cand = np.asarray(b["cand_mask"], np.float32).copy()
+    flagged = np.zeros_like(cand, bool)
+    flagged[0, 1] = flagged[1, 2] = True
+    assert cand[flagged].all()  # the flagged entries were real candidates
+    kept = dict(case, batch=dict(b, cand_mask=np.where(flagged, 0.0, cand), kd_mask=cand))
+    _, m = losses.compute_loss(_loss_cfg(), **kept)
+    s = case["scale"] * np.einsum("bd,bcd->bc", case["q_emb"], case["p_emb"])
+    attn = np.asarray(b["teacher_attn"], np.float32)
+    k = 2
+    np.testing.assert_allclose(m["loss_ce"], ref_contrastive(case["q_emb"], case["p_emb"], np.where(flagged, 0.0, cand),
+                                                             case["scale"]), rtol=1e-4)
+    np.testing.assert_allclose(m["loss_sent"], ref_sentence_kl(s, b["teacher_scores"], cand, 2.0), rtol=1e-4)
+    word = np.mean([ref_word_kl(case["q_states"][ls], b["q_mask"], case["p_states"][ls], b["p_mask"][:, :k],
+                                attn[:, i], cand[:, :k]) for i, ls in enumerate((-1, 2))])
+    np.testing.assert_allclose(m["loss_word"], word, rtol=1e-4)
+    np.testing.assert_allclose(m["loss_mse"], ref_margin_mse(s, b["teacher_scores"], cand), rtol=1e-4)
+    # Without kd_mask the same flags leave every term: the sentence level differs.
+    dropped = dict(case, batch=dict(b, cand_mask=np.where(flagged, 0.0, cand)))
+    _, m_drop = losses.compute_loss(_loss_cfg(), **dropped)
+    assert abs(float(m_drop["loss_sent"]) - float(m["loss_sent"])) > 1e-4
+    np.testing.assert_allclose(m_drop["loss_ce"], m["loss_ce"], rtol=1e-6)

@@ -133,3 +133,32 @@ def test_teacher_signal_ranks_each_positive_against_its_candidates():
     m1 = np.exp(1) / (np.exp(1) + np.exp(0) + np.exp(3) + np.exp(-2))
     m2 = np.exp(-1) / (np.exp(-1) + np.exp(0) + np.exp(3) + np.exp(-2))
     assert got["positive_mass"] == pytest.approx((m0 + m1 + m2) / 3)
+
+
+def test_build_lists_keeps_flagged_for_distillation_and_selects_queries():
+    """keep_flagged: a flagged candidate may fill a slot, masked out of the contrastive `mask`
+    but in `kd_mask` with its teacher score; `queries` gives lists to the chosen queries only."""
+    q_rows = np.array([0, 5])
+    cand = np.array([[10, 11, 12, 13], [20, 21, 22, 23]])
+    positives = {0: [1], 5: [2]}
+    logits = np.array([5.0, 0.1, 3.0, 9.0, 2.0, 4.0, 1.0, 1.5, 7.0, 0.5], np.float32)
+    scores = filtering.split_scores(logits, q_rows, cand, positives)
+    flagged = np.array([[False, False, True, False], [False, False, True, False]])
+    none = np.zeros_like(flagged)
+    lists = filtering.build_lists(q_rows, cand, scores, positives, flagged, none, 4, np.random.default_rng(0),
+                                  teacher_order=True, keep_flagged=True)
+    assert lists.docs[0].tolist() == [1, 12, 11, 13, 10]  # all four by teacher logit, 12 (9.0) first
+    assert lists.kd_mask[0].tolist() == [1, 1, 1, 1, 1] and lists.mask[0].tolist() == [1, 0, 1, 1, 1]
+    np.testing.assert_allclose(lists.teacher, logits[lists.src])
+    dropped = filtering.build_lists(q_rows, cand, scores, positives, flagged, none, 4, np.random.default_rng(0),
+                                    teacher_order=True)
+    assert 12 not in dropped.docs[0] and (dropped.kd_mask == dropped.mask).all()
+    only = filtering.build_lists(q_rows, cand, scores, positives, flagged, none, 4, np.random.default_rng(0),
+                                 teacher_order=True, queries={5})
+    assert only.query.tolist() == [5] and only.docs[0, 0] == 2
+    real = only.src[0] >= 0  # 3 unflagged negatives, then padding
+    assert real.tolist() == [True, True, True, True, False]
+    np.testing.assert_allclose(only.teacher[0][real], logits[only.src[0][real]])  # the skipped query's offsets kept
+    empty = filtering.build_lists(q_rows, cand, scores, positives, flagged, none, 4, np.random.default_rng(0),
+                                  teacher_order=True, queries=set())
+    assert empty.docs.shape == (0, 5) and len(empty.query) == 0

@@ -35,6 +35,8 @@ class TrainExamples:
     cand_mask:      float32 [E, C]   1 = usable candidate, 0 = filtered false negative / padding
     teacher_scores: float32 [E, C]   teacher logits (zeros if unknown)
     teacher_attn:   optional array-like [E, P, K, Lq, Lp] (bf16; may be an np.memmap)
+    kd_mask:        optional float32 [E, C]: the candidates the distillation losses read, where
+                    they differ from cand_mask (flagged candidates kept for the teacher's scores)
     """
 
     query_idx: np.ndarray
@@ -42,6 +44,7 @@ class TrainExamples:
     cand_mask: np.ndarray
     teacher_scores: np.ndarray
     teacher_attn: Any = None
+    kd_mask: np.ndarray | None = None
 
     def __post_init__(self):
         self.query_idx = np.asarray(self.query_idx, np.int32)
@@ -51,7 +54,9 @@ class TrainExamples:
         e = self.query_idx.shape[0]
         if self.query_idx.ndim != 1 or self.cand_idx.ndim != 2 or self.cand_idx.shape[0] != e:
             raise ValueError(f"TrainExamples: query_idx must be [E] and cand_idx [E, C]; got {self.query_idx.shape}, {self.cand_idx.shape}")
-        for name in ("cand_mask", "teacher_scores"):
+        if self.kd_mask is not None:
+            self.kd_mask = np.asarray(self.kd_mask, np.float32)
+        for name in ("cand_mask", "teacher_scores") + (("kd_mask",) if self.kd_mask is not None else ()):
             if getattr(self, name).shape != self.cand_idx.shape:
                 raise ValueError(f"TrainExamples.{name} has shape {getattr(self, name).shape}; expected {self.cand_idx.shape}")
         if self.teacher_attn is not None and (self.teacher_attn.ndim != 5 or self.teacher_attn.shape[0] != e):
@@ -81,7 +86,7 @@ class TrainExamples:
         attn = get("teacher_attn", "r")
         if attn is not None and attn.dtype == np.dtype("V2"):  # np.save writes bfloat16 as 2-byte voids
             attn = attn.view(ml_dtypes.bfloat16)
-        return cls(get("query_idx"), get("cand_idx"), get("cand_mask"), get("teacher_scores"), attn)
+        return cls(get("query_idx"), get("cand_idx"), get("cand_mask"), get("teacher_scores"), attn, get("kd_mask"))
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -133,6 +138,7 @@ class _GlobalBatches:
             "p_mask": p_mask,
             "cand_mask": ex.cand_mask[rows],
             "teacher_scores": ex.teacher_scores[rows],
+            **({"kd_mask": ex.kd_mask[rows]} if ex.kd_mask is not None else {}),
         }
         if self.with_attn:
             order = np.argsort(rows)  # sorted reads are kinder to a memmap

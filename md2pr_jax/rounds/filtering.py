@@ -142,26 +142,33 @@ def flag(filter_cfg, cand: np.ndarray, cand_probs: np.ndarray, tau: float) -> tu
 @dataclasses.dataclass
 class TrainLists:
     """A round's training lists: query [E], docs/mask/teacher logits [E, 1 + n] (positive first),
-    and src [E, 1 + n], each entry's index in the flat scoring pass (-1: padding)."""
+    src [E, 1 + n], each entry's index in the flat scoring pass (-1: padding), and kd_mask
+    [E, 1 + n], the entries the distillation losses read: `mask` plus any flagged candidates
+    kept for them (`keep_flagged`), which are no contrastive negatives."""
 
     query: np.ndarray
     docs: np.ndarray
     mask: np.ndarray
     teacher: np.ndarray
     src: np.ndarray
+    kd_mask: np.ndarray
 
 
 def build_lists(q_rows: np.ndarray, cand: np.ndarray, scores: RoundScores, positives: dict[int, list[int]],
                 flagged: np.ndarray, promoted: np.ndarray, num_negatives: int, rng: np.random.Generator,
-                teacher_order: bool) -> TrainLists:
+                teacher_order: bool, keep_flagged: bool = False, queries=None) -> TrainLists:
     """For every (query, positive) pair, `num_negatives` negatives sampled from the unflagged
-    candidates, then (with `teacher_order`) ordered by teacher score, hardest first. Promoted
-    candidates are extra positives."""
+    candidates (with `keep_flagged`, from every candidate, the flagged ones masked out of the
+    contrastive `mask` but kept in `kd_mask`), then (with `teacher_order`) ordered by teacher
+    score, hardest first. Promoted candidates are extra positives. `queries` (a set of query
+    rows; None = all) selects the queries that get lists; the others are skipped."""
     n = int(num_negatives)
     valid = cand >= 0
-    out = {k: [] for k in ("query", "docs", "mask", "teacher", "src")}
+    out = {k: [] for k in ("query", "docs", "mask", "teacher", "src", "kd_mask")}
     for i, q in enumerate(q_rows):
-        usable = np.nonzero(valid[i] & ~flagged[i])[0]
+        if queries is not None and int(q) not in queries:
+            continue
+        usable = np.nonzero(valid[i] & (~flagged[i] | keep_flagged) & ~promoted[i])[0]
         k_pos, s0 = len(positives[int(q)]), scores.start[i]
         pairs = [(d, scores.pos_logits[i][j], s0 + j) for j, d in enumerate(positives[int(q)])]
         pairs += [(int(cand[i, j]), scores.cand_logits[i, j], s0 + k_pos + j) for j in np.nonzero(promoted[i])[0]]
@@ -170,13 +177,19 @@ def build_lists(q_rows: np.ndarray, cand: np.ndarray, scores: RoundScores, posit
             if teacher_order:
                 chosen = chosen[np.argsort(-scores.cand_logits[i, chosen], kind="stable")]
             m = len(chosen)
-            docs, mask = np.zeros(1 + n, np.int64), np.zeros(1 + n, np.float32)
+            docs, kd_mask = np.zeros(1 + n, np.int64), np.zeros(1 + n, np.float32)
             teacher, src = np.zeros(1 + n, np.float32), np.full(1 + n, -1, np.int64)
-            docs[0], mask[0], teacher[0], src[0] = d, 1.0, t_pos, src_pos
-            docs[1 : 1 + m], mask[1 : 1 + m] = cand[i, chosen], 1.0
+            docs[0], kd_mask[0], teacher[0], src[0] = d, 1.0, t_pos, src_pos
+            docs[1 : 1 + m], kd_mask[1 : 1 + m] = cand[i, chosen], 1.0
             teacher[1 : 1 + m], src[1 : 1 + m] = scores.cand_logits[i, chosen], s0 + k_pos + chosen
-            for key, value in zip(out, (int(q), docs, mask, teacher, src)):
+            mask = kd_mask.copy()
+            mask[1 : 1 + m] = np.where(flagged[i, chosen], 0.0, 1.0)
+            for key, value in zip(out, (int(q), docs, mask, teacher, src, kd_mask)):
                 out[key].append(value)
+    if not out["query"]:
+        width = 1 + n
+        return TrainLists(np.zeros(0, np.int64), *(np.zeros((0, width), t) for t in (np.int64, np.float32, np.float32)),
+                          np.zeros((0, width), np.int64), np.zeros((0, width), np.float32))
     return TrainLists(*(np.asarray(out[k]) for k in out))
 
 

@@ -46,6 +46,13 @@ class Context:
     train_positives: dict[int, list[int]]  # query row -> visible positives
     report_splits: list[str]
     main: bool
+    # pseudo-query row -> its source passage (data.pseudo_queries > 0; data/pseudo.py)
+    pseudo_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def round_positives(self) -> dict[int, list[int]]:
+        """The queries every round mines and scores: the training queries, then the pseudo-queries."""
+        return {**self.train_positives, **self.pseudo_positives}
 
     @property
     def eval_split(self) -> str:
@@ -61,6 +68,7 @@ def open_context(config, workdir) -> Context:
     layout.root.mkdir(parents=True, exist_ok=True)
     mesh = shd.make_mesh(config)
     dataset = prepare_dataset(config, layout)
+    dataset, pseudo = _pseudo_queries(config, layout, dataset, main)
     splits = dataset.split_queries
     report_splits = [s for s in (config.data.eval_split, "dev") if s in splits and dataset.qrels.get(s)]
     if main:
@@ -69,7 +77,26 @@ def open_context(config, workdir) -> Context:
     hidden = _planted(config, layout, positives, main)
     logging.info("dataset %s", json.dumps(dataset.summary()))
     return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
-                   filtering.visible_positives(positives, hidden), report_splits, main)
+                   filtering.visible_positives(positives, hidden), report_splits, main, pseudo)
+
+
+def _pseudo_queries(config, layout: Layout, dataset, main: bool):
+    """(dataset with the pseudo-queries appended, pseudo-query row -> [source passage row]);
+    the queries are a pure function of the config, recorded in pseudo.json for the reader."""
+    from md2pr_jax import hf
+    from md2pr_jax.data import pseudo
+
+    count = int(config.data.pseudo_queries)
+    if count <= 0:
+        return dataset, {}
+    rows, texts = pseudo.cut_queries(dataset.doc_texts, count, config.data.pseudo_kind,
+                                     derive_seed(config, "pseudo_queries"))
+    dataset = pseudo.with_pseudo_queries(dataset, rows, texts, hf.load_tokenizer(config))
+    if main and not layout.pseudo.exists():
+        artifacts.write_json(layout.pseudo, {"kind": config.data.pseudo_kind, "count": len(rows),
+                                             "queries": [{"doc": dataset.doc_ids[int(d)], "text": t}
+                                                         for d, t in zip(rows, texts)]})
+    return dataset, dataset.positives(pseudo.PSEUDO_SPLIT)
 
 
 def _planted(config, layout: Layout, positives, main: bool) -> dict[int, set]:
@@ -356,7 +383,7 @@ def mine(ctx: Context, r: int) -> dict:
     depth = int(ctx.config.rounds.mine_depth)
     params = student_params(ctx, r - 1)
     corpus = corpus_embeddings(ctx, params, r - 1)
-    pos = ctx.train_positives
+    pos = ctx.round_positives
     q_rows = np.array(sorted(pos), np.int64)
     cand = dense_candidates(ctx, params, corpus, q_rows, depth, [set(pos[int(q)]) for q in q_rows])
     if ctx.main:
@@ -368,7 +395,7 @@ def score(ctx: Context, r: int) -> dict:
     """The round's one teacher pass over positives and mined candidates: logits (scores.npz)
     and, for a 'cached' word-level loss, the attention maps of the chosen layers (attn.npy)."""
     c = artifacts.load_arrays(ctx.layout.candidates(r))
-    pairs_q, pairs_d = filtering.scoring_pairs(c["q_rows"], c["cand"], ctx.train_positives)
+    pairs_q, pairs_d = filtering.scoring_pairs(c["q_rows"], c["cand"], ctx.round_positives)
     if uses_teacher(ctx.config):
         logits = _teacher_pass(ctx, r, pairs_q, np.where(pairs_d >= 0, pairs_d, 0))
     else:
@@ -410,35 +437,58 @@ def filter_round(ctx: Context, r: int) -> dict:
     cfg, fc, lay = ctx.config, ctx.config.filter, ctx.layout
     c, s = artifacts.load_arrays(lay.candidates(r)), artifacts.load_arrays(lay.scores(r))
     q_rows, cand = c["q_rows"], c["cand"]
-    scores = filtering.split_scores(s["logits"], q_rows, cand, ctx.train_positives)
-    pos_probs, cand_probs = scores.positive_probs(), filtering.sigmoid(scores.cand_logits)
+    positives = ctx.round_positives
+    scores = filtering.split_scores(s["logits"], q_rows, cand, positives)
+    cand_probs = filtering.sigmoid(scores.cand_logits)
+    is_pseudo = np.array([int(q) in ctx.pseudo_positives for q in q_rows], bool)
+    # tau_hat from the labelled positives, or from the pseudo-queries' (which no teacher trained on).
+    pos_probs = filtering.sigmoid(np.concatenate([scores.pos_logits[i] for i in
+                                                  np.flatnonzero(is_pseudo == (fc.tau_source == "pseudo"))]
+                                                 or [np.zeros(0, np.float32)]))
     # The filter reads the cross-encoder's probabilities; the soft labels may be hybrid.
-    soft = filtering.split_scores(hybrid_logits(ctx, s["logits"], s["q"], s["d"]), q_rows, cand, ctx.train_positives)
+    soft = filtering.split_scores(hybrid_logits(ctx, s["logits"], s["q"], s["d"]), q_rows, cand, positives)
     tau_prev = lay.result(round_stage(r - 1, "filter"))["tau"] if r > 1 else float(fc.tau0)
     # Without a filter the threshold is not used and does not move.
     tau, tau_hat = filtering.update_threshold(fc, tau_prev, pos_probs) if fc.enabled else (tau_prev, float("nan"))
     flagged, promoted = filtering.flag(fc, cand, cand_probs, tau)
     n_neg = int(cfg.data.num_negatives)
-    lists = filtering.build_lists(q_rows, cand, soft, ctx.train_positives, flagged, promoted, n_neg,
-                                  np.random.default_rng(derive_seed(cfg, "negatives", r)), uses_teacher(cfg))
+    train_on = set(ctx.train_positives) | (set(ctx.pseudo_positives) if cfg.train.pseudo else set())
+    lists = filtering.build_lists(q_rows, cand, soft, positives, flagged, promoted, n_neg,
+                                  np.random.default_rng(derive_seed(cfg, "negatives", r)), uses_teacher(cfg),
+                                  keep_flagged=bool(fc.keep_flagged), queries=train_on)
     attn = None
     if cached_attention(cfg):
         import ml_dtypes
 
         flat = artifacts.load_array(lay.attention(r), mmap=True)
         attn = filtering.gather_attention(flat, lists.src[:, : word_candidates(cfg, 1 + n_neg)]).view(ml_dtypes.bfloat16)
-    examples = TrainExamples(lists.query, lists.docs, lists.mask, lists.teacher, attn)
+    examples = TrainExamples(lists.query, lists.docs, lists.mask, lists.teacher, attn,
+                             lists.kd_mask if fc.keep_flagged else None)
     if ctx.main:
         with artifacts.local_folder(lay.examples(r)) as folder:
             examples.save(folder)
     valid = cand >= 0
     result = {"round": r, "tau": tau, "tau_hat": tau_hat, "tau_prev": tau_prev, "flagged": int(flagged.sum()),
               "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
-              "teacher_signal": filtering.teacher_signal(soft, cand) if uses_teacher(cfg) else None,
+              "tau_source": fc.tau_source, "positives_for_tau": int(len(pos_probs)),
+              "teacher_signal": _signal(soft, cand, ~is_pseudo) if uses_teacher(cfg) else None,
               **filtering.histograms(pos_probs, cand_probs, valid)}
+    if ctx.pseudo_positives:
+        result["pseudo"] = {"queries": int(is_pseudo.sum()), "trained_on": bool(cfg.train.pseudo),
+                            "examples": int(sum(int(q) in ctx.pseudo_positives for q in lists.query)),
+                            "flagged": int(flagged[is_pseudo].sum()),
+                            "teacher_signal": _signal(soft, cand, is_pseudo) if uses_teacher(cfg) else None}
     if ctx.hidden:
         result["planted"] = filtering.planted_check(flagged, cand, q_rows, ctx.hidden)
     return result
+
+
+def _signal(scores: filtering.RoundScores, cand: np.ndarray, rows: np.ndarray) -> dict:
+    """`filtering.teacher_signal` over the queries selected by the bool mask `rows`."""
+    sel = np.flatnonzero(rows)
+    sub = filtering.RoundScores([scores.pos_logits[i] for i in sel], scores.cand_logits[sel],
+                                [scores.start[i] for i in sel])
+    return filtering.teacher_signal(sub, cand[sel])
 
 
 def train_student(ctx: Context, r: int) -> dict:
