@@ -144,6 +144,27 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     assert not os.path.islink(row / "rounds" / "r01" / "train")
     assert "rounds/r01/train" in json.loads((row / "timings.json").read_text())
 
+    # Pseudo-queries differ: round 0 is linked, round 1's mining and teacher pass run anew over the
+    # training queries and the pseudo-queries; the *_pseudo rows train on both, the others on the labelled.
+    sixth = tmp_path / "sixth"
+    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo", "--reuse_from",
+                          str(run), "--config.data.pseudo_queries=12", "--config.filter.keep_flagged=True",
+                          "--config.filter.tau_source=pseudo"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shared = sixth / "shared"
+    assert os.path.islink(shared / "teacher") and not os.path.islink(shared / "rounds" / "r01" / "score")
+    pseudo = json.loads((shared / "pseudo.json").read_text())
+    assert pseudo["count"] == len(pseudo["queries"]) == 12
+    mined = json.loads((shared / "rounds" / "r01" / "mine" / "result.json").read_text())["queries"]
+    assert mined == json.loads((run / "rounds" / "r01" / "mine" / "result.json").read_text())["queries"] + 12
+    filt = {r: json.loads((sixth / "rows" / f"{r}_s0" / "rounds" / "r01" / "filter" / "result.json").read_text())
+            for r in ("md2pr", "de_pseudo", "md2pr_pseudo")}
+    assert filt["md2pr"]["pseudo"]["examples"] == 0 and filt["md2pr_pseudo"]["pseudo"]["examples"] == 12
+    assert filt["md2pr_pseudo"]["examples"] == filt["md2pr"]["examples"] + 12 == filt["de_pseudo"]["examples"]
+    assert filt["md2pr_pseudo"]["tau_source"] == "pseudo" and filt["md2pr_pseudo"]["positives_for_tau"] == 12
+    assert (sixth / "rows" / "md2pr_pseudo_s0" / "rounds" / "r01" / "filter" / "examples" / "kd_mask.npy").exists()
+
     # An ablation workdir as the source: a 2-round ablation extends the 1-round one, running round 2 only.
     fourth = tmp_path / "fourth"
     out = subprocess.run([*base, "--workdir", str(fourth), "--rows", "md2pr", "--reuse_from", str(first),
