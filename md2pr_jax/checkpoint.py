@@ -11,11 +11,11 @@ when it is a multiple of config.train.checkpoint_every (or when forced).
 from __future__ import annotations
 
 import base64
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
+
+from md2pr_jax import artifacts
 
 ITEMS = ("state", "host", "data")
 _BYTES = "__bytes_base64__"
@@ -23,7 +23,7 @@ _BYTES = "__bytes_base64__"
 
 def make_checkpoint_manager(directory: str, config, *, async_save: bool = True) -> ocp.CheckpointManager:
     """An orbax CheckpointManager in `directory` (local path or gs://) for items state/host/data."""
-    path = directory if "://" in str(directory) else os.path.abspath(directory)
+    path = artifacts.as_path(directory)
     every = max(int(config.train.checkpoint_every), 1)
     # Every K steps (and on a preemption signal), but not orbax's default extra save at the
     # first step of a run: a resumed run continues from the last multiple of K.
@@ -39,7 +39,7 @@ def make_checkpoint_manager(directory: str, config, *, async_save: bool = True) 
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(epath.Path(path), item_names=ITEMS, options=options)
+    return ocp.CheckpointManager(path, item_names=ITEMS, options=options)
 
 
 def _encode_data(data: Any) -> Any:

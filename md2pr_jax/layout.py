@@ -23,16 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+
 from etils import epath
+
+from md2pr_jax.artifacts import CACHE_ROOT, is_local
 
 ROUND_STAGES = ("mine", "score", "filter", "train", "eval")  # the stages of a round, in order
 ROUND0_STAGES = ("baselines", "teacher", "rerank")
 DONE, RESULT = "DONE", "result.json"
-
-
-def is_local(path) -> bool:
-    """True for a path on this machine's filesystem (no URL scheme such as gs://)."""
-    return "://" not in str(path)
 
 
 def round_stage(r: int, stage: str) -> str:
@@ -111,13 +109,13 @@ class Layout:
     def data_cache(self, config) -> str:
         """The local folder of the prepared dataset (memory-mapped, so never in a bucket):
         config.data.cache_dir, else WORKDIR/data for a local workdir, else a folder under
-        ~/.cache/md2pr_jax named after the bucket path (each host prepares its own copy)."""
+        artifacts.CACHE_ROOT named after the bucket path (each host prepares its own copy)."""
         if config.data.cache_dir:
             return str(config.data.cache_dir)
         if self.local:
             return str(self.data)
         name = str(self.root).replace("://", "/").strip("/")
-        return os.path.join(os.path.expanduser("~/.cache/md2pr_jax"), name, "data")
+        return os.path.join(CACHE_ROOT, name, "data")
 
     @property
     def results(self) -> epath.Path:

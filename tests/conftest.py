@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("MD2PR_DATA_DIR"):
+if os.environ.get("MD2PR_DATA_DIR") and "://" not in os.environ["MD2PR_DATA_DIR"]:
     # Absolute, so that subprocesses started in other folders (launch tests) find the data.
     os.environ["MD2PR_DATA_DIR"] = os.path.abspath(os.environ["MD2PR_DATA_DIR"])
 

@@ -20,6 +20,8 @@ Record order is the source files' order (`disable_shuffling`).
 
 Bad records follow `records.BadRecords` (config.data.bad_records). Use `build(...)`, which
 also keeps the per-kind counts beside the build and rebuilds when the source files change.
+The source folder may be local or in a bucket (gs://): its files are read through etils.epath,
+streamed from the bucket by the build; the build itself (array_record) is always local.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
+from md2pr_jax import artifacts
 from md2pr_jax.data import records
 from md2pr_jax.data.records import BadRecords
 
@@ -106,7 +110,8 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     # -- TFDS ------------------------------------------------------------------------------
     def _resolve_source(self, dl_manager) -> str:
-        if os.path.isdir(self.source_dir) and os.listdir(self.source_dir):
+        src = epath.Path(self.source_dir) if self.source_dir else None
+        if src is not None and src.is_dir() and any(src.iterdir()):
             return self.source_dir
         if self.DOWNLOAD_URL:
             url = self.DOWNLOAD_URL.format(name=self.builder_config.name)
@@ -119,7 +124,7 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _split_generators(self, dl_manager):
         src = self._resolve_source(dl_manager)
-        missing = [f for f in self.SOURCE_FILES if not os.path.exists(os.path.join(src, f))]
+        missing = [f for f in self.SOURCE_FILES if not _exists(os.path.join(src, f))]
         if missing:
             raise FileNotFoundError(f"{self.name}: {src} lacks {', '.join(missing)}")
         # A first pass validates the corpus and collects its ids (so that judgements can be
@@ -214,7 +219,7 @@ class Beir(_RetrievalBuilder):
         splits = {}
         for split in QUERY_SPLITS:
             path = os.path.join(src, "qrels", f"{split}.tsv")
-            if not os.path.exists(path):
+            if not _exists(path):
                 continue
             rows = ((line, *cols) for line, cols in records.read_tsv(path, bad, 3, header_prefix="query-id"))
             splits[split] = _judged_queries(rows, all_queries, doc_ids, bad, path)
@@ -238,7 +243,7 @@ class MsmarcoPassage(_RetrievalBuilder):
     @staticmethod
     def _file(src: str, stem: str) -> str | None:
         for name in (f"{stem}.tsv", f"{stem}.small.tsv"):
-            if os.path.exists(os.path.join(src, name)):
+            if _exists(os.path.join(src, name)):
                 return os.path.join(src, name)
         return None
 
@@ -268,7 +273,7 @@ class MsmarcoPassage(_RetrievalBuilder):
                 continue
             splits[split] = _judged_queries(self._trec_qrels(path, bad), texts[split], doc_ids, bad, path)
         triples = os.path.join(src, self.TRIPLES)
-        if os.path.exists(triples) and "train" in splits:
+        if _exists(triples) and "train" in splits:
             train = {q.id: q for q in splits["train"]}
             for line, (qid, pos, neg) in records.read_tsv(triples, bad, 3):
                 if qid not in train:
@@ -312,7 +317,7 @@ class NqDpr(_RetrievalBuilder):
         splits = {}
         for split in ("train", "dev"):
             path = os.path.join(src, f"biencoder-nq-{split}.json")
-            if not os.path.exists(path):
+            if not _exists(path):
                 continue
             queries = []
             for n, (line, ex) in enumerate(records.iter_json_array(path, bad)):
@@ -341,7 +346,7 @@ class NqDpr(_RetrievalBuilder):
                 queries.append(q)
             splits[split] = queries
         path = os.path.join(src, "nq-test.qa.csv")
-        if os.path.exists(path):
+        if _exists(path):
             queries = []
             for line, (question, answers) in records.read_tsv(path, bad, 2):
                 try:
@@ -392,7 +397,7 @@ def build(builder_name: str, dataset: str, source_dir: str, cache_dir: str, bad_
     data_dir = os.fspath(builder.data_dir)
     stamp_path = os.path.join(data_dir, "md2pr_source.json")
     src_files = _source_files(source_dir)
-    stamp = {"source_dir": os.path.abspath(source_dir), "files": records.fingerprint(src_files)}
+    stamp = {"source_dir": str(artifacts.as_path(source_dir)) if source_dir else "", "files": src_files}
     if builder.is_prepared():
         old = _read_json(stamp_path)
         if src_files and old is not None and old.get("source") != stamp:
@@ -417,11 +422,16 @@ def build(builder_name: str, dataset: str, source_dir: str, cache_dir: str, bad_
     return BuildResult(builder=builder, data_dir=data_dir, bad_records=report, built_now=built_now)
 
 
-def _source_files(source_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(source_dir):
-        out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
-    return sorted(out)
+def _source_files(source_dir: str) -> dict[str, list]:
+    """{path: [size, version]} of the source files (hidden ones left out); {} when the folder is
+    missing (a download)."""
+    if not source_dir or not _exists(source_dir):
+        return {}
+    return {p: v for p, v in artifacts.listing(source_dir).items() if not os.path.basename(p).startswith(".")}
+
+
+def _exists(path: str) -> bool:
+    return epath.Path(path).exists()
 
 
 def _read_json(path: str):

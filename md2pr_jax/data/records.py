@@ -4,17 +4,19 @@ Every reader here goes line by line, decodes UTF-8 itself and reports each bad r
 `BadRecords` object, which either raises (policy 'error': the message names file and line)
 or counts the record by kind and skips it (policy 'skip'). Nothing is dropped silently: the
 counts and the first examples of each kind are logged and written beside the prepared data.
+Files open through etils.epath: a path may be local or in a bucket (gs://).
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import io
 import json
-import os
 from typing import Iterable, Iterator, Sequence
 
 from absl import logging
+from etils import epath
 
 # Every kind of bad record the readers know. A new kind is added here, nowhere else.
 KINDS = (
@@ -80,9 +82,17 @@ class BadRecords:
             json.dump(self.to_json(), f, indent=1)
 
 
+def open_binary(path: str) -> io.BufferedIOBase:
+    """`path` (local or gs://) opened for buffered binary reads. A bucket's file comes from
+    fsspec, whose own readline reads a whole block per line; a BufferedReader splits lines
+    from its buffer instead."""
+    f = epath.Path(path).open("rb")
+    return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(f, buffer_size=1 << 22)
+
+
 def read_lines(path: str, bad: BadRecords) -> Iterator[tuple[int, str]]:
     """Yields (line number from 1, text without the line break); skips blank lines."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -154,7 +164,7 @@ def iter_json_array(path: str, bad: BadRecords, chunk_bytes: int = 1 << 22) -> I
     decoder = json.JSONDecoder()
     # surrogateescape keeps bad bytes as lone surrogates, so they can be found per element.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         buf, pos, line, eof = "", 0, 1, False
 
         def more() -> bool:
@@ -212,12 +222,3 @@ def iter_json_array(path: str, bad: BadRecords, chunk_bytes: int = 1 << 22) -> I
 
 def _has_surrogate(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text) if not text.isascii() else False
-
-
-def fingerprint(paths: Iterable[str]) -> dict[str, list[int]]:
-    """{path: [size, mtime_ns]} of the source files: a cache built from other files is stale."""
-    out = {}
-    for p in paths:
-        st = os.stat(p)
-        out[os.path.abspath(p)] = [st.st_size, st.st_mtime_ns]
-    return out
