@@ -264,6 +264,9 @@ def aot_mode(config, workdir: str) -> dict[str, Any]:
     """`--mode aot`: compile for config.aot.topology (or --topology), print and save the report."""
     if not config.aot.topology:
         raise ValueError("--mode aot needs a TPU topology: pass --topology v5e:2x2 or set config.aot.topology")
+    # JAX's persistent cache cannot load an executable compiled for compile-only devices (no
+    # client): storing it would only push the host's usable programs out of the cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     report = compile_report(config, config.aot.topology)
     line = json.dumps(report, sort_keys=False)
     print(line, flush=True)

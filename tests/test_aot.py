@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _aot_debug(workdir, *overrides):
     """The report of `--mode aot --topology v5e:2x2` on configs/debug.py (one JSON line)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MD2PR_COMPILATION_CACHE=os.path.join(workdir, "xla"))
     cmd = [sys.executable, "-m", "md2pr_jax.main", "--config", "configs/debug.py", "--workdir", str(workdir),
            "--mode", "aot", "--topology", "v5e:2x2", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -35,6 +35,8 @@ def test_mode_aot_on_debug_config(tmp_path):
     assert report["fits"] is True
     with open(os.path.join(tmp_path, "aot", "v5e_2x2.json")) as f:
         assert json.loads(f.read()) == report
+    # Nothing in the persistent compilation cache: it cannot load a compile-only executable.
+    assert not any("train_step" in name for name in os.listdir(tmp_path / "xla"))
     # The float32 debug config: every dot gives f32. (At the default matmul precision the TPU
     # compiler feeds some of them bf16 operands, converted in the producing fusion.)
     assert report["dtype"] == "float32" and all(k.endswith("->f32") for k in report["dots"]), report["dots"]
