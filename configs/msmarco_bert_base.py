@@ -14,18 +14,33 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
 Result: not measured. For reference, RocketQA-style BERT-base dual encoders reach MRR@10 about
     0.37-0.39 on MS MARCO dev; MD2PR reports gains over such baselines.
 
-AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --mode aot:
-    v5e:4x4 (16 chips, mesh fsdp=16), batch 512 x 8 passages, teacher online: 14.467 GiB per
-    chip of 16 GiB -> fits=true; arguments 160 MiB, temporaries 14.20 GiB, 3.34e+14 FLOPs
-    per step (XLA cost analysis), compiled in 668 s.
-    The JSON line it printed:
+AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --mode aot, on
+the model, loss and train step of commit 1f062f0 (re-run after the attention rewrite of the CPU
+work; before it: 14.467 GiB, 3.34e+14 FLOPs):
+    v5e:4x4 (16 chips, mesh fsdp=16), batch 512 x 8 passages, teacher online, bf16 compute:
+    15.003 GiB per chip of 16 GiB -> fits=true, with 1 GiB to spare; arguments 160 MiB,
+    temporaries 14.75 GiB, 3.28e+14 FLOPs per step (XLA cost analysis), compiled in 393 s
+    (453 s in a second run beside other work; the same figures).
+    Dtypes of the 1067 dots/convolutions of the optimised HLO: 1057 bf16 x bf16 -> bf16; the
+    10 that take or give f32 are all in losses.py (contrastive_loss, word_kl), which computes
+    in f32 on purpose. The same step in f32 (--config.model.dtype=float32) does not fit a v5e
+    chip: XLA stops with "the total memory required for HLO temporaries (17.84G) exceeds
+    available HBM (15.75G)". Both side by side on v6e:4x4 (32 GiB per chip,
+    benchmarks/aot_dtypes.py -> benchmarks/results/aot_dtypes_msmarco_bert_base.json): bf16
+    14.17 GiB per chip, f32 21.00 GiB, the same 3.28e+14 FLOPs; of the f32 step's 995 dots
+    only 42 are f32 x f32 (at the default matmul precision the compiler gives the rest one or
+    two bf16 operands): on a TPU the f32 step's matmuls are largely bf16 already, and bf16
+    compute mostly saves memory.
+    The JSON line it printed, less its f32_dots list:
         {"topology": "v5e:4x4", "chips": 16, "device_kind": "TPU v5 lite", "mesh": {"data":
         1, "fsdp": 16, "tensor": 1}, "batch_size": 512, "candidates": 8, "teacher_mode":
-        "online", "bytes_per_chip": {"arguments": 167410688, "temporaries": 15245673984,
-        "outputs": 82627072, "aliased": 82620416, "code": 121083392, "total": 15534174720},
-        "gib_per_chip": 14.467, "flops_per_chip": 20878456782848.0, "flops_per_step":
-        334055308525568.0, "hbm_bytes_per_chip": 17179869184, "fits": true, "compile_s":
-        668.0}
+        "online", "dtype": "bfloat16", "param_dtype": "float32", "hbm_bytes_per_chip":
+        17179869184, "bytes_per_chip": {"arguments": 167410688, "temporaries": 15838806528,
+        "outputs": 82627072, "aliased": 82620416, "code": 103412736, "total": 16109636608},
+        "gib_per_chip": 15.003, "flops_per_chip": 20504345837568.0, "flops_per_step":
+        328069533401088.0, "fits": true, "compile_s": 453.1, "dots": {"bf16,bf16->bf16":
+        1057, "bf16,bf16->f32": 3, "f32,bf16->bf16": 1, "f32,bf16->f32": 4, "f32,f32->f32":
+        1}}
 """
 
 from md2pr_jax.config import bert_base_pod_config

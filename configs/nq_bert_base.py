@@ -13,18 +13,26 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
 Result: not measured. For reference, DPR (BERT-base) reaches top-20 retrieval accuracy 78.4 on
     the NQ test set and RocketQA 82.7; MD2PR reports gains over such baselines.
 
-AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --mode aot:
-    v4:2x2x4 (16 chips, mesh fsdp=16), batch 512 x 8 passages, teacher online: 28.265 GiB
-    per chip of 32 GiB -> fits=true; arguments 160 MiB, temporaries 28.02 GiB, 4.98e+14
-    FLOPs per step (XLA cost analysis), compiled in 549 s.
-    The JSON line it printed:
+AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --mode aot, on
+the model, loss and train step of commit 1f062f0 (re-run after the attention rewrite of the CPU
+work; before it: 28.265 GiB, 4.98e+14 FLOPs):
+    v4:2x2x4 (16 chips, mesh fsdp=16), batch 512 x 8 passages, teacher online, bf16 compute:
+    26.806 GiB per chip of 32 GiB -> fits=true; arguments 160 MiB, temporaries 26.23 GiB,
+    code 428 MiB, 4.89e+14 FLOPs per step (XLA cost analysis), compiled in 416 s.
+    Dtypes of the 1066 dots/convolutions of the optimised HLO: 1057 bf16 x bf16 -> bf16; the
+    7 that take an f32 operand are all in losses.py (contrastive_loss, word_kl), and 2 more
+    are bf16 x bf16 -> f32 (this run's report traced only f32 operands; in the MS MARCO
+    config's step those come from losses.py too).
+    The JSON line it printed, less its f32_dots list:
         {"topology": "v4:2x2x4", "chips": 16, "device_kind": "TPU v4", "mesh": {"data": 1,
         "fsdp": 16, "tensor": 1}, "batch_size": 512, "candidates": 8, "teacher_mode":
-        "online", "bytes_per_chip": {"arguments": 167672832, "temporaries": 30090311168,
-        "outputs": 82627072, "aliased": 82620416, "code": 91621888, "total": 30349612544},
-        "gib_per_chip": 28.265, "flops_per_chip": 31106942369792.0, "flops_per_step":
-        497711077916672.0, "hbm_bytes_per_chip": 34359738368, "fits": true, "compile_s":
-        548.9}
+        "online", "dtype": "bfloat16", "param_dtype": "float32", "bytes_per_chip":
+        {"arguments": 167672832, "temporaries": 28166278144, "outputs": 82627072, "aliased":
+        82620416, "code": 448505856, "total": 28782463488}, "gib_per_chip": 26.806,
+        "flops_per_chip": 30589449142272.0, "flops_per_step": 489431186276352.0,
+        "hbm_bytes_per_chip": 34359738368, "fits": true, "compile_s": 416.1, "dots":
+        {"bf16,bf16->bf16": 1057, "bf16,bf16->f32": 2, "bf16,f32->f32": 1, "f32,bf16->bf16":
+        1, "f32,bf16->f32": 4, "f32,f32->f32": 1}}
 """
 
 from md2pr_jax.config import bert_base_pod_config
