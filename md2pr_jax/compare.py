@@ -57,6 +57,19 @@ def row_runs(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict]:
     return out
 
 
+def row_costs(workdir: str, row: str) -> dict[int, dict[str, float]]:
+    """seed -> {stage: seconds} of every WORKDIR/rows/ROW_s<seed>/ (its own stages' timings.json;
+    stages linked from elsewhere cost nothing here and are not listed)."""
+    rows_dir = os.path.join(workdir, "rows")
+    out = {}
+    for name in sorted(os.listdir(rows_dir)):
+        m = _SEED_DIR.match(name)
+        path = os.path.join(rows_dir, name, "timings.json")
+        if m and m["row"] == row and os.path.exists(path):
+            out[int(m["seed"])] = {k: round(float(v), 1) for k, v in json.load(open(path)).items()}
+    return out
+
+
 def summarize(values: list[float]) -> dict:
     a = np.asarray(values, np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
@@ -130,6 +143,9 @@ def main(argv) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(str(e))
     result = compare(runs[0], runs[1:])
+    result["command"] = " ".join(["python -m md2pr_jax.compare", *sys.argv[1:]])
+    # What each row's own stages cost, seed by seed.
+    result["cost_s"] = {name: row_costs(workdir, row) for name, workdir, row in specs}
     text = markdown(result)
     if _OUT.value:
         os.makedirs(_OUT.value, exist_ok=True)

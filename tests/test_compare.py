@@ -69,3 +69,12 @@ def test_bad_specs_and_missing_rows(tmp_path):
     out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
                           "--row", f"x={tmp_path}:md2pr"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "no finished md2pr_s<seed> rows" in out.stderr
+    (tmp_path / "rows" / "de_s0" / "timings.json").write_text(json.dumps({"rounds/r01/train": 61.25}))
+    _row(tmp_path, "x", 0, 0.72, 0.7)
+    out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
+                          "--row", f"x={tmp_path}:x", "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["command"].startswith("python -m md2pr_jax.compare --baseline")
+    assert saved["cost_s"] == {"de": {"0": {"rounds/r01/train": 61.2}}, "x": {}}

@@ -66,8 +66,7 @@ def with_pseudo_queries(dataset: RetrievalDataset, doc_rows: np.ndarray, texts: 
     ids = [f"pseudo:{dataset.doc_ids[int(d)]}" for d in doc_rows]
     tokens = _tokenize(tokenizer, list(texts), dataset.max_query_len, tokenizer.cls_token_id)
     old = dataset.query_table
-    new_ids = np.concatenate([old.ids, np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens
-                              else np.zeros(0, np.int32)]).astype(np.int32)
+    new_ids = np.concatenate([old.ids, *(np.asarray(t, np.int32) for t in tokens)]).astype(np.int32)
     lengths = np.asarray([len(t) for t in tokens], np.int64)
     new_offsets = np.concatenate([old.offsets, old.offsets[-1] + np.cumsum(lengths)]).astype(np.int64)
     qrels = dict(dataset.qrels)
