@@ -69,8 +69,7 @@ def open_context(config, workdir) -> Context:
     mesh = shd.make_mesh(config)
     dataset = prepare_dataset(config, layout)
     dataset, pseudo = _pseudo_queries(config, layout, dataset, main)
-    splits = dataset.split_queries
-    report_splits = [s for s in (config.data.eval_split, "dev") if s in splits and dataset.qrels.get(s)]
+    report_splits = evaluated_splits(config.data.eval_split, dataset)
     if main:
         artifacts.write_text(layout.config_json, config.to_json_best_effort(indent=2))
     positives = dataset.positives(config.data.train_split)
@@ -78,6 +77,14 @@ def open_context(config, workdir) -> Context:
     logging.info("dataset %s", json.dumps(dataset.summary()))
     return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
                    filtering.visible_positives(positives, hidden), report_splits, main, pseudo)
+
+
+def evaluated_splits(eval_split: str, dataset) -> list[str]:
+    """The splits every baseline, rerank and round reports: `eval_split`, then 'dev', each
+    once (with eval_split='dev', as on MS MARCO, just ['dev']), keeping those that have
+    queries and qrels in `dataset`."""
+    wanted = list(dict.fromkeys((eval_split, "dev")))
+    return [s for s in wanted if s in dataset.split_queries and dataset.qrels.get(s)]
 
 
 def _pseudo_queries(config, layout: Layout, dataset, main: bool):
