@@ -42,16 +42,67 @@ LOGICAL_RULES = [
 
 def make_mesh(config, devices=None) -> Mesh:
     """A Mesh with axes ('data', 'fsdp', 'tensor') sized by `config.mesh` over `devices`
-    (default: all devices of all processes). Uses the topology-aware device order of
-    `mesh_utils.create_device_mesh` where it applies (TPU), plain order otherwise."""
+    (default: all devices of all processes), in the order of `device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(config, len(devices))
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices, dtype=object).reshape(shape)
+    grid = device_grid(mesh_shape(config, len(devices)), devices)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def device_grid(shape: tuple[int, int, int], devices) -> np.ndarray:
+    """`devices` arranged as a (data, fsdp, tensor) array: process-major, so that each host's
+    devices are one contiguous block along the flattened data x fsdp axes, and within a host
+    in the topology-aware order of `mesh_utils.create_device_mesh` (plain order where that
+    does not apply, e.g. CPU devices).
+
+    Why this order: a process can only put data on its own devices, and the input pipeline
+    and `to_global` hand each process one contiguous block of rows of the global batch
+    (`local_batch_slice`). `create_device_mesh` over a whole multi-host slice optimises
+    only the physical torus and interleaves the hosts along the batch axes on real TPU
+    device orders (v4-32: process index along fsdp 0,1,2,3,0,1,2,3,...), which leaves no
+    process a contiguous block. Building the global batch from global indices instead would
+    change the pipeline's contract and the rows each host reads; ordering the mesh keeps it.
+    Each host's devices form a physically compact block (2x2 chips on v4, v5e, v6e hosts),
+    so the host blocks keep neighbouring chips together and a host's block is ordered for
+    its ICI links by `create_device_mesh`.
+
+    The tensor axis (innermost, the most communication) stays within a host when it divides
+    the host's device count; when it is a multiple of it, a tensor group spans whole hosts,
+    which then hold (and feed) the same rows. With one process this is
+    `create_device_mesh(shape)` over all devices."""
+    devices = list(devices)
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(int(getattr(d, "process_index", 0)), []).append(d)
+    if len(groups) == 1:
+        return _ici_grid(tuple(shape), devices)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"processes hold different numbers of devices ({sorted(sizes)}); a mesh over "
+            "several processes needs the same number of devices on each"
+        )
+    local, tensor = sizes.pop(), int(shape[2])
+    if local % tensor == 0:
+        local_shape: tuple[int, ...] = (local // tensor, tensor)
+    elif tensor % local == 0:
+        local_shape = (local,)
+    else:
+        raise ValueError(
+            f"config.mesh.tensor={tensor} neither divides nor is a multiple of the {local} "
+            "devices per process; choose a tensor size that does"
+        )
+    blocks = [_ici_grid(local_shape, groups[p]).reshape(-1) for p in sorted(groups)]
+    return np.concatenate(blocks).reshape(shape)
+
+
+def _ici_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """`devices` as an array of `shape` in `create_device_mesh`'s topology-aware order where
+    it applies (TPU), plain order otherwise."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices, dtype=object).reshape(shape)
 
 
 @contextlib.contextmanager
@@ -133,25 +184,43 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def local_batch_slice(mesh: Mesh, global_batch: int) -> slice:
-    """The rows [start, stop) of the global batch that this process must supply to
-    `to_global`. Each process's devices hold one contiguous block of rows (the mesh puts
-    a process's devices together along the batch axes)."""
+def process_batch_rows(mesh: Mesh, global_batch: int, process_index: int) -> slice:
+    """The rows [start, stop) of the global batch that the devices of process
+    `process_index` hold under `batch_sharding(mesh)`: what that process must supply to
+    `to_global`. A pure function of the mesh (the devices carry their process index), so
+    it can be computed for any process, e.g. on a topology's compile-only devices.
+
+    ValueError if the batch does not divide over data x fsdp, if the process has no device
+    in the mesh, or if its devices' rows are not one contiguous block (a mesh that
+    interleaves hosts along the batch axes; `make_mesh` never builds one)."""
     if global_batch % batch_shards(mesh):
         raise ValueError(
             f"global batch {global_batch} is not divisible by data*fsdp={batch_shards(mesh)}; "
             "change config.train.batch_size or config.mesh"
         )
-    idx = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-    starts = sorted({s[0].start or 0 for s in idx.values()})
-    stops = sorted({global_batch if s[0].stop is None else s[0].stop for s in idx.values()})
-    start, stop = starts[0], stops[-1]
-    if (stop - start) * jax.process_count() != global_batch:
+    index = batch_sharding(mesh).devices_indices_map((global_batch,))
+    held = set()
+    for device, idx in index.items():
+        if int(getattr(device, "process_index", 0)) == process_index:
+            rows = idx[0]
+            held.update(range(rows.start or 0, global_batch if rows.stop is None else rows.stop))
+    if not held:
+        raise ValueError(f"process {process_index} holds no device of the mesh")
+    start, stop = min(held), max(held) + 1
+    if len(held) != stop - start:
         raise ValueError(
-            f"this process's devices hold rows {start}..{stop} of {global_batch}, not one "
-            "contiguous 1/process_count block; put each host's devices together in the mesh"
+            f"process {process_index}'s devices hold {len(held)} rows spread over {start}..{stop} of "
+            f"{global_batch}, not one contiguous block; build the mesh with sharding.make_mesh, which "
+            "puts each host's devices together along the batch axes"
         )
     return slice(start, stop)
+
+
+def local_batch_slice(mesh: Mesh, global_batch: int) -> slice:
+    """The rows [start, stop) of the global batch that this process must supply to
+    `to_global` (`process_batch_rows` for `jax.process_index()`). With the tensor axis
+    inside a host (the usual case) this is this process's 1/process_count of the batch."""
+    return process_batch_rows(mesh, global_batch, jax.process_index())
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
