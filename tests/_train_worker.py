@@ -204,9 +204,36 @@ def run_ckpt_restore(args):
         json.dump({"host": out["host"], "data": out["data"].decode("latin1"), "step": out["step"]}, f)
 
 
+# (data, fsdp, tensor) over 2 processes x 2 devices: tensor inside a host, and across hosts.
+ROWS_MESHES = [(1, 2, 2), (2, 1, 2), (4, 1, 1), (1, 1, 4), (2, 2, 1)]
+
+
+def run_rows(args):
+    """For each of ROWS_MESHES: this process feeds its `local_batch_slice` of a global batch
+    through `to_global`; checks every local shard holds the global rows the sharding assigns
+    it, and writes the slices to rows_p<process>.json."""
+    import jax
+
+    from md2pr_jax import sharding as shd
+
+    batch = 8
+    full = np.arange(batch * 3, dtype=np.int32).reshape(batch, 3)
+    out = {}
+    for shape in ROWS_MESHES:
+        mesh = shd.make_mesh(tiny_config(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]}))
+        rows = shd.local_batch_slice(mesh, batch)
+        x = shd.to_global({"x": full[rows]}, mesh)["x"]
+        assert x.shape == full.shape, (shape, x.shape)
+        for shard in x.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index], err_msg=str(shape))
+        out["x".join(map(str, shape))] = [rows.start, rows.stop]
+    with open(os.path.join(args.out, f"rows_p{jax.process_index()}.json"), "w") as f:
+        json.dump(out, f)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["steps", "resumable", "ckpt_save", "ckpt_restore"])
+    parser.add_argument("scenario", choices=["steps", "resumable", "ckpt_save", "ckpt_restore", "rows"])
     parser.add_argument("out")
     parser.add_argument("--mesh", type=int, nargs=3, default=(-1, 1, 1))
     parser.add_argument("--steps", type=int, default=3)
@@ -217,7 +244,8 @@ def main():
 
         maybe_initialize_distributed(None)
     os.makedirs(args.out, exist_ok=True)
-    {"steps": run_steps, "resumable": run_resumable, "ckpt_save": run_ckpt_save, "ckpt_restore": run_ckpt_restore}[
+    {"steps": run_steps, "resumable": run_resumable, "ckpt_save": run_ckpt_save, "ckpt_restore": run_ckpt_restore,
+     "rows": run_rows}[
         args.scenario
     ](args)
 

@@ -7,7 +7,6 @@ fake-pod tests could not see hosts interleaved along the batch axes.
 """
 
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,21 +113,3 @@ def test_pod_configs_make_mesh_and_batch_sharding(topology, config_file):
     for host in mesh.devices[0, :, 0].reshape(4, 4):  # each block of 4 is one host's own chips
         mine = {tuple(d.coords) for d in devices if d.process_index == host[0].process_index}
         assert {tuple(d.coords) for d in host} == mine
-
-def _fake_devices(processes: int, per_process: int):
-    """CPU-like devices without coordinates, listed interleaved across processes."""
-    return [
-        SimpleNamespace(id=i * processes + p, process_index=p, platform="cpu", device_kind="cpu")
-        for i in range(per_process)
-        for p in range(processes)
-    ]
-
-
-def test_device_grid_groups_processes_without_coordinates():
-    grid = shd.device_grid((2, 2, 2), _fake_devices(2, 4))
-    assert [d.process_index for d in grid.reshape(-1)] == [0, 0, 0, 0, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="tensor=3 neither divides nor is a multiple of the 2 devices"):
-        shd.device_grid((1, 2, 3), _fake_devices(3, 2))
-    uneven = _fake_devices(2, 2) + [SimpleNamespace(id=9, process_index=0, platform="cpu", device_kind="cpu")]
-    with pytest.raises(ValueError, match="different numbers of devices"):
-        shd.device_grid((1, 5, 1), uneven)

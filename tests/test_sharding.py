@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -104,15 +105,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-    """2 processes x 2 devices (gloo) vs 1 process x 4 devices, mesh data=1, fsdp=2, tensor=2;
-    each process feeds its half of the global batch."""
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    mesh = ["--mesh", "1", "2", "2"]
+def _two_processes(args, timeout=600):
+    """Runs the worker as 2 processes x 2 CPU devices (gloo); asserts both exit 0."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "steps", multi, "--steps", "3", *mesh],
+            [sys.executable, WORKER, *args],
             env=_env(2, MD2PR_COORDINATOR=coordinator, MD2PR_NUM_PROCESSES="2", MD2PR_PROCESS_ID=str(i)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -121,13 +119,51 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
         for i in range(2)
     ]
     try:
-        outs = [p.communicate(timeout=600) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
+
+
+def test_each_process_feeds_the_rows_its_devices_hold(tmp_path):
+    """2 processes x 2 devices: with the tensor axis inside a host each process feeds its half
+    of the batch; with tensor=4 (across both hosts) both feed all of it. In every case each
+    local shard of to_global's array is the global rows the sharding assigns it."""
+    _two_processes(["rows", str(tmp_path)], timeout=300)
+    rows = [json.loads((tmp_path / f"rows_p{i}.json").read_text()) for i in range(2)]
+    for shape in ("1x2x2", "2x1x2", "4x1x1", "2x2x1"):
+        assert (rows[0][shape], rows[1][shape]) == ([0, 4], [4, 8]), shape
+    assert rows[0]["1x1x4"] == rows[1]["1x1x4"] == [0, 8]
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+    """2 processes x 2 devices (gloo) vs 1 process x 4 devices, mesh data=1, fsdp=2, tensor=2;
+    each process feeds its half of the global batch."""
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    mesh = ["--mesh", "1", "2", "2"]
+    _two_processes(["steps", multi, "--steps", "3", *mesh])
     _run(["steps", single, "--steps", "3", *mesh], _env(4))
     info_single, info_multi = _assert_same(single, multi, 1e-5)
     assert info_multi["processes"] == 2 and info_multi["devices"] == 4 and info_single["processes"] == 1
+
+
+def _fake_devices(processes: int, per_process: int):
+    """CPU-like devices without coordinates, listed interleaved across processes."""
+    return [
+        SimpleNamespace(id=i * processes + p, process_index=p, platform="cpu", device_kind="cpu")
+        for i in range(per_process)
+        for p in range(processes)
+    ]
+
+
+def test_device_grid_groups_processes_without_coordinates():
+    grid = shd.device_grid((2, 2, 2), _fake_devices(2, 4))
+    assert [d.process_index for d in grid.reshape(-1)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="tensor=3 neither divides nor is a multiple of the 2 devices"):
+        shd.device_grid((1, 2, 3), _fake_devices(3, 2))
+    uneven = _fake_devices(2, 2) + [SimpleNamespace(id=9, process_index=0, platform="cpu", device_kind="cpu")]
+    with pytest.raises(ValueError, match="different numbers of devices"):
+        shd.device_grid((1, 5, 1), uneven)
