@@ -13,13 +13,18 @@
 #   DEVICES_PER_PROC  CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count; default 1)
 #   MD2PR_PORT        coordinator port (default: a free port)
 #   MD2PR_DATA_DIR    data root (default: ../shared/data next to the repo, if it exists)
-#   LOG_DIR           per-process logs (default: WORKDIR/logs); process 0 is also echoed here
+#   LOG_DIR           per-process logs (default: WORKDIR/logs, or logs/multihost in the repo
+#                     when WORKDIR is a URL such as gs://bucket/run); process 0 is also echoed here
+#   HOME_ROOT         process i runs with HOME=HOME_ROOT/process_i: its own ~/.cache, as each
+#                     host of a pod has its own disk (default: the shared HOME)
+#   KILL_AFTER_S      seconds between SIGTERM and SIGKILL when stopping the others (default 10)
 #
 # Exit status: 0 when every process succeeds; otherwise the first failure's status (the
-# other processes are then stopped). The workdir is never wiped: a rerun resumes.
+# other processes are then stopped, as a pod's preemption would: SIGTERM, then SIGKILL).
+# The workdir is never wiped: a rerun resumes.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   usage
@@ -47,15 +52,24 @@ if [[ -z "${MD2PR_DATA_DIR:-}" && -d "$repo/../shared/data" ]]; then
 fi
 port="${MD2PR_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 devices="${DEVICES_PER_PROC:-1}"
-log_dir="${LOG_DIR:-$workdir/logs}"
-mkdir -p "$workdir" "$log_dir"
+kill_after="${KILL_AFTER_S:-10}"
+if [[ "$workdir" == *://* ]]; then
+  # A bucket: md2pr_jax creates it; a local mkdir would make a folder named gs:.
+  log_dir="${LOG_DIR:-$repo/logs/multihost}"
+else
+  log_dir="${LOG_DIR:-$workdir/logs}"
+  mkdir -p "$workdir"
+fi
+mkdir -p "$log_dir"
 
 pids=()
+stopping_since=""
 cleanup() {
   local pid
   for pid in "${pids[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
+  stopping_since="${stopping_since:-$SECONDS}"
 }
 trap cleanup INT TERM
 
@@ -66,6 +80,10 @@ for ((i = 0; i < num; i++)); do
     cd "$repo"
     export MD2PR_COORDINATOR="127.0.0.1:$port" MD2PR_NUM_PROCESSES="$num" MD2PR_PROCESS_ID="$i"
     export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+    if [[ -n "${HOME_ROOT:-}" ]]; then
+      export HOME="$HOME_ROOT/process_$i"
+      mkdir -p "$HOME"
+    fi
     exec "$PYTHON" -m md2pr_jax.main --config "$config" --workdir "$workdir" --mode "$mode" "${extra[@]}"
   ) >"$log" 2>&1 &
   pids+=("$!")
@@ -76,7 +94,9 @@ if [[ -z "${QUIET:-}" ]]; then
 fi
 
 # Wait for all; on the first failure stop the others (a dead peer would leave them hanging
-# in a collective until the coordinator's heartbeat timeout).
+# in a collective until the coordinator's heartbeat timeout). jax.distributed's preemption
+# notifier catches SIGTERM (it only marks a preemption), so whoever outlives the grace
+# period gets SIGKILL: no process of the job outlives this script.
 # (Polling with kill -0, then `wait PID` for its status: `wait -n` can miss a child that
 # exited before it was called.)
 status=0
@@ -97,7 +117,14 @@ while ((${#running[@]} > 0)); do
       cleanup
     fi
   done
-  if ((${#running[@]} > 0)); then sleep 1; fi
+  if ((${#running[@]} > 0)); then
+    if [[ -n "$stopping_since" ]] && ((SECONDS - stopping_since >= kill_after)); then
+      for pid in "${!running[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+      done
+    fi
+    sleep 1
+  fi
 done
 if [[ -n "${tail_pid:-}" ]]; then
   kill "$tail_pid" 2>/dev/null || true

@@ -5,8 +5,9 @@ gcsfs (epath's gs:// backend), google-cloud-storage (tensorboardX) and tensorsto
 it through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL. The test writes a small BEIR
 dataset into gs://md2pr-data/, runs the debug pipeline with --workdir gs://md2pr-run/run,
 kills it with SIGKILL in round 1's training, resumes it with the same command and compares its
-metrics with an uninterrupted run of the same config in a local workdir. Without the server
-binary it skips, saying why.
+metrics with an uninterrupted run of the same config in a local workdir. A second run does the
+same as a pod in miniature: 2 jax.distributed processes (launch/multihost_local.sh), one of
+them killed, the job stopped and resumed. Without the server binary it skips, saying why.
 """
 
 import json
@@ -28,6 +29,7 @@ from md2pr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
 
 DATA_BUCKET, RUN_BUCKET = "md2pr-data", "md2pr-run"
 DATASET = "tinyfact"
+METRIC_TOL = 1e-4  # as tests/test_launch.py's
 # The debug config on the dataset below: one round of 18 student steps, checkpoints every 3.
 OVERRIDES = ("--config.rounds.num_rounds=1", "--config.train.epochs=3", f"--config.data.dataset={DATASET}")
 
@@ -160,18 +162,30 @@ def _metrics(results: dict) -> dict:
     return {"rows": rows, "rounds": rounds}
 
 
-def test_bucket_workdir_and_data_survive_sigkill(gcs, tmp_path):
+@pytest.fixture(scope="module")
+def reference(gcs, tmp_path_factory):
+    """The local workdir of the uninterrupted single-process run of the config (its data from
+    the bucket too): what the runs below, killed and resumed, must equal."""
     _upload_dataset(gcs)
+    tmp = tmp_path_factory.mktemp("reference")
+    t0 = time.time()
+    ref = subprocess.run(_main(tmp / "ref"), cwd=tmp, env=_env(gcs, tmp / "home"), capture_output=True, text=True,
+                         timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    print(f"single-process reference run {time.time() - t0:.0f}s")
+    return tmp / "ref"
+
+
+def _history(workdir) -> list[dict]:
+    with open(workdir / "rounds" / "r01" / "train" / "history.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_bucket_workdir_and_data_survive_sigkill(gcs, reference, tmp_path):
     cwd = tmp_path / "cwd"  # where a path mistaken for a local one would appear as gs:/...
     cwd.mkdir()
     env = _env(gcs, tmp_path / "home")
     t0 = time.time()
-
-    # The reference: the same config, uninterrupted, in a local workdir (data from the bucket too).
-    ref = subprocess.run(_main(tmp_path / "ref"), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    t_ref = time.time() - t0
-
     run = f"gs://{RUN_BUCKET}/run"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(_main(run), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -196,10 +210,10 @@ def test_bucket_workdir_and_data_survive_sigkill(gcs, tmp_path):
     assert gcs.get(RUN_BUCKET, "run/rounds/r01/mine/DONE") == mined_at  # not redone
     exported = subprocess.run(_main(run, "export_hf"), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    print(f"reference run {t_ref:.0f}s, whole test {time.time() - t0:.0f}s")
+    print(f"test {time.time() - t0:.0f}s after the reference run")
 
     results = json.loads(gcs.get(RUN_BUCKET, "run/results.json"))
-    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
     assert _metrics(results) == _metrics(expected)
     assert [r["round"] for r in results["rounds"]] == [1]
 
@@ -216,8 +230,146 @@ def test_bucket_workdir_and_data_survive_sigkill(gcs, tmp_path):
     history = [json.loads(line) for line in gcs.get(RUN_BUCKET, stage + "history.jsonl").decode().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 19))  # every step logged once, across the kill
     # ... with the uninterrupted run's losses: the resumed steps are the same computation.
-    assert history == [json.loads(line) for line in open(tmp_path / "ref" / "rounds" / "r01" / "train" / "history.jsonl")]
+    assert history == _history(reference)
     assert not [p for p in [*cwd.rglob("*"), *tmp_path.glob("*")] if p.name.startswith("gs:")]
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+# ------------------------------------------------------- several processes, as on a pod
+
+def _job_processes(sid: int) -> dict[int, str]:
+    """pid -> MD2PR_PROCESS_ID ('' for the launcher's own shells) of the live processes of
+    session `sid` (the job: multihost_local.sh and everything it started)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if not entry.isdigit() or int(fields[3]) != sid or fields[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, IndexError, ValueError):
+            continue  # not a process, or it ended meanwhile
+        found[int(entry)] = env.get(b"MD2PR_PROCESS_ID", b"").decode()
+    return found
+
+
+def _wait_job(job: subprocess.Popen, timeout: float) -> int:
+    """The job's exit status; past `timeout` its whole session is killed and the test fails."""
+    try:
+        return job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        pytest.fail(f"the job ran past {timeout:.0f}s")
+
+
+def _assert_close(got, want, where="results"):
+    """Equal structure and values, floats within METRIC_TOL: 2 processes of one CPU device each
+    sum the same global batch over 2 data shards, so float32 round-off may differ (as in
+    tests/test_launch.py)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=METRIC_TOL), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+def _floats(tree):
+    """The floats of a JSON tree, in a fixed order (dict keys sorted)."""
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            yield from _floats(tree[k])
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _floats(v)
+    elif isinstance(tree, float):
+        yield tree
+
+
+def test_two_processes_with_bucket_workdir_survive_a_killed_worker(gcs, reference, tmp_path):
+    """A pod in miniature against the server: launch/multihost_local.sh runs 2 jax.distributed
+    processes, each with its own HOME (its own local caches, as each host has its own disk),
+    the workdir and the data in buckets. Process 1 is killed with SIGKILL after round 1's first
+    finished checkpoint; the launcher must then stop process 0 (stuck at a collective) and
+    leave no process behind. The same command resumes, and the metrics and every step's losses
+    equal the single-process run's."""
+    run = f"gs://{RUN_BUCKET}/multi"
+    logs = tmp_path / "logs"
+    env = dict(_env(gcs, tmp_path / "home"), QUIET="1", PYTHON=sys.executable, LOG_DIR=str(logs),
+               HOME_ROOT=str(tmp_path / "hosts"), KILL_AFTER_S="3")  # SIGTERM to SIGKILL: a pod gives 30 s
+    cmd = ["bash", os.path.join(ROOT, "launch", "multihost_local.sh"), "2", "configs/debug.py", run, "pipeline", *OVERRIDES]
+    cwd = tmp_path / "cwd"  # where a path mistaken for a local one would appear as gs:/...
+    cwd.mkdir()
+    ckpt = "multi/rounds/r01/train/ckpt/"
+    t0 = time.time()
+
+    job = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # its own session: every process of the job is found, and killed
+    try:
+        deadline, saved = time.time() + 900, False
+        while not saved and time.time() < deadline and job.poll() is None:
+            saved = any(re.fullmatch(r"\d+/commit_success\.txt", n[len(ckpt):]) for n in gcs.names(RUN_BUCKET, ckpt))
+            time.sleep(0.1)
+        if not saved or job.poll() is not None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            pytest.fail("no running job with round 1's first checkpoint (exit status "
+                        f"{job.returncode}): {job.stdout.read()[-3000:]}")
+        workers = {rank: pid for pid, rank in _job_processes(job.pid).items() if rank}
+        assert sorted(workers) == ["0", "1"], workers
+        t_kill = time.time()
+        os.kill(workers["1"], signal.SIGKILL)
+        status = _wait_job(job, 120)
+        t_stopped = time.time() - t_kill
+        first = job.stdout.read()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    # Process 1's SIGKILL is the job's status; process 0, which catches SIGTERM (jax's preemption
+    # notifier) and then waits for its dead peer, was stopped by the launcher's SIGKILL.
+    assert status == 137 and "process 1 failed with status 137" in first, first[-3000:]
+    assert not _job_processes(job.pid), "the job left processes behind"
+    assert "multi/rounds/r01/train/DONE" not in gcs.names(RUN_BUCKET, "multi/rounds/r01/train/")
+    mined_at = gcs.get(RUN_BUCKET, "multi/rounds/r01/mine/DONE")
+
+    job = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    status = _wait_job(job, 900)
+    second = job.stdout.read()
+    assert status == 0, second[-3000:] + "".join((logs / f"process_{i}.log").read_text()[-3000:] for i in range(2))
+    print(f"2 processes: killed and stopped in {t_stopped:.0f}s, whole test {time.time() - t0:.0f}s after the reference;",
+          "stage seconds:", json.loads(gcs.get(RUN_BUCKET, "multi/timings.json")),
+          "single process:", json.loads((reference / "timings.json").read_text()))
+    for i in range(2):
+        log = (logs / f"process_{i}.log").read_text()
+        assert f"process {i} of 2" in log and "round 1: resuming training at step" in log, log[-3000:]
+    assert gcs.get(RUN_BUCKET, "multi/rounds/r01/mine/DONE") == mined_at  # not redone
+
+    results = _metrics(json.loads(gcs.get(RUN_BUCKET, "multi/results.json")))
+    expected = _metrics(json.loads((reference / "results.json").read_text()))
+    _assert_close(results, expected)
+    stage = "multi/rounds/r01/train/"
+    history = [json.loads(line) for line in gcs.get(RUN_BUCKET, stage + "history.jsonl").decode().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 19))  # every step logged once, across the kill
+    _assert_close(history, _history(reference), "history")
+    gap = max(abs(a - b) for a, b in zip(_floats([results, history]), _floats([expected, _history(reference)])))
+    print(f"2 processes: largest difference from the single process's metrics and losses: {gap:.2g}")
+    names = set(gcs.names(RUN_BUCKET, "multi/"))
+    assert {"multi/REPORT.md", stage + "DONE"} <= names
+    assert not [n for n in names if ".tmp" in n], "a write left a temporary object"
+    for home in (tmp_path / "hosts").iterdir():  # each "host" prepared the data in its own cache
+        assert list(home.glob(".cache/md2pr_jax/gs/*/multi/data/*")), home
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith("gs:")]
     assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
