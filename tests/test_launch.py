@@ -23,7 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_GCLOUD_DIR = os.path.join(ROOT, "tests", "fake_gcloud")
-SCRIPTS = ["launch/tpu_pod.sh", "launch/local.sh", "launch/multihost_local.sh", "launch/setup.sh", "tests/fake_gcloud/gcloud"]
+SCRIPTS = ["launch/tpu_pod.sh", "launch/pod_job.sh", "launch/local.sh", "launch/multihost_local.sh", "launch/setup.sh",
+           "tests/fake_gcloud/gcloud", "tests/fake_gcloud/data_check"]
 OVERRIDES = [] if os.environ.get("MD2PR_LAUNCH_FULL") else ["--config.rounds.num_rounds=1", "--config.teacher_train.max_steps=2"]
 ROWS = ("bm25", "zero_shot", "teacher_rerank", "md2pr")
 METRIC_TOL = 1e-4
@@ -74,9 +75,21 @@ def reference(tmp_path_factory):
 
 # ---------------------------------------------------------------- tpu_pod.sh --dry-run
 
-def _dry_run(*args):
-    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"], env={"GCLOUD": "gcloud"})
+DATA_CHECK = os.path.join(FAKE_GCLOUD_DIR, "data_check")
+
+
+def _dry_run(*args, check_status=0, env=None):
+    """tpu_pod.sh ARGS --dry-run, its data check answered by tests/fake_gcloud/data_check with
+    `check_status`: (process, the printed commands as word lists)."""
+    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"],
+                env={"GCLOUD": "gcloud", "MD2PR_POD_PYTHON": DATA_CHECK, "FAKE_DATA_CHECK": str(check_status),
+                     **(env or {})})
     return proc, [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def _check_cmd(config, data_dir=None):
+    return ["env", "-u", "MD2PR_DATA_DIR", DATA_CHECK, "-m", "md2pr_jax.data.fetch", "--config", config,
+            *(["--data_dir", data_dir] if data_dir else []), "--check"]
 
 
 def test_dry_run_prints_every_command():
@@ -84,29 +97,100 @@ def test_dry_run_prints_every_command():
                           "--runtime-version", "tpu-ubuntu2204-base", "--spot", "--config", "configs/scifact_minilm.py",
                           "--workdir", "gs://bucket/md2pr/run1", "--mode", "pipeline",
                           "--extra", "--config.rounds.num_rounds=2 --config.train.lr=2e-5",
-                          "--env", "MD2PR_DATA_DIR=gs://bucket/data", "all", "logs", "delete")
+                          "--data-dir", "gs://bucket/data", "--env", "GCSFS_X=1",
+                          "all", "status", "logs", "wait", "stop", "delete")
     _check(proc, "dry run")
     z = ["--zone", "us-central2-b", "--project", "proj"]
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "md2pr", *z]
-    job = ("cd md2pr_jax && mkdir -p logs && set -o pipefail && MD2PR_DATA_DIR=gs://bucket/data "
+    env = "env GCSFS_X=1 MD2PR_DATA_DIR=gs://bucket/data"
+    job = (f"cd md2pr_jax && bash launch/pod_job.sh start {env} "
            ".venv/bin/python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir gs://bucket/md2pr/run1 "
-           "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5 2>&1 | tee -a logs/run.log")
+           "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5")
+    install = ("tar xzf ../md2pr_jax.tar.gz && MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu && "
+               ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
+               "--config.rounds.num_rounds=2 --config.train.lr=2e-5")
     assert cmds == [
+        _check_cmd("configs/scifact_minilm.py", "gs://bucket/data"),
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "md2pr", *z, "--format=value(state)"],
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "md2pr", *z, "--accelerator-type", "v4-32",
          "--version", "tpu-ubuntu2204-base", "--spot"],
         ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", "/tmp/md2pr_jax.tar.gz", "HEAD"],
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/md2pr_jax.tar.gz", "md2pr:~/md2pr_jax.tar.gz", *z, "--worker=all"],
         [*ssh, "--worker=all", "--command",
-         "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh tpu && "
-         ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
-         "--config.rounds.num_rounds=2 --config.train.lr=2e-5"],
+         "mkdir -p md2pr_jax && cd md2pr_jax && if [ -f launch/pod_job.sh ] && bash launch/pod_job.sh alive; then "
+         'echo "$(hostname): a job is running here; setup leaves this worker as it is (stop it first)"; '
+         f"else {install}; fi"],
+        [*ssh, "--worker=0", "--command", f"cd md2pr_jax && {env} .venv/bin/python -m md2pr_jax.data.fetch "
+                                          "--config configs/scifact_minilm.py --data_dir gs://bucket/data"],
         [*ssh, "--worker=all", "--command", job],
-        [*ssh, "--worker=0", "--command", "tail -n 200 -F md2pr_jax/logs/run.log"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh status"],
+        [*ssh, "--worker=0", "--command",
+         f"cd md2pr_jax && {env} .venv/bin/python launch/workdir_status.py --workdir gs://bucket/md2pr/run1"],
+        [*ssh, "--worker=0", "--command", "cd md2pr_jax && bash launch/pod_job.sh logs"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh wait"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh stop"],
         ["gcloud", "compute", "tpus", "tpu-vm", "delete", "md2pr", *z, "--quiet"],
     ]
     # Never a command that removes the workdir (preemption: a rerun resumes from it).
     assert "rm " not in proc.stdout and "gsutil" not in proc.stdout
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v6e-16", "v2-alpha-tpuv6e"),
+])
+def test_dry_run_all_provisions_python_fetches_data_and_detaches_the_job(accelerator, runtime):
+    """The pod run of the issue: `all` checks the data before creating anything, installs
+    CPython 3.11 with uv (the images' python3 is 3.10), fetches the dataset into the bucket on
+    worker 0, and starts the job detached on every worker with the bucket as its data dir."""
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, "--spot",
+                          "--config", "configs/msmarco_bert_base.py", "--workdir", "gs://b/run", "--data-dir", "gs://b/data",
+                          "all")
+    _check(proc, "dry run")
+    assert cmds[0] == _check_cmd("configs/msmarco_bert_base.py", "gs://b/data")
+    assert [c[4] for c in cmds[1:3]] == ["describe", "create"] and cmds[2][cmds[2].index("--version") + 1] == runtime
+    setup, data, run = (c[-1] for c in cmds[-3:])
+    assert all(c[4] == "ssh" for c in cmds[-3:]) and [c[-3] for c in cmds[-3:]] == ["--worker=all", "--worker=0", "--worker=all"]
+    assert "MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu" in setup
+    assert data == ("cd md2pr_jax && env MD2PR_DATA_DIR=gs://b/data .venv/bin/python -m md2pr_jax.data.fetch "
+                    "--config configs/msmarco_bert_base.py --data_dir gs://b/data")
+    assert run.startswith("cd md2pr_jax && bash launch/pod_job.sh start env MD2PR_DATA_DIR=gs://b/data "
+                          ".venv/bin/python -m md2pr_jax.main --config configs/msmarco_bert_base.py --workdir gs://b/run ")
+    assert "tee" not in run and "|" not in run  # nothing ties the job to the ssh session
+
+
+def test_dry_run_without_a_data_source_stops_before_anything_is_created():
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v5litepod-16", "--config",
+                          "configs/msmarco_bert_base.py", "--workdir", "gs://b/run", "--data-dir", "gs://b/empty", "all",
+                          check_status=2)
+    assert proc.returncode == 2, proc.stdout
+    assert cmds == [_check_cmd("configs/msmarco_bert_base.py", "gs://b/empty")]
+    assert "no data for configs/msmarco_bert_base.py" in proc.stdout and "nothing was created" in proc.stdout
+    assert "no download source" in proc.stdout  # the check's own message is shown too
+
+
+def test_data_check_that_cannot_run_says_how_to_skip_it():
+    args = ("--zone", "z", "--name", "n", "create")
+    proc, cmds = _dry_run(*args, check_status=1)
+    assert proc.returncode == 2 and "--no-data-check" in proc.stdout and len(cmds) == 1, proc.stdout
+    proc, cmds = _dry_run(*args, "--no-data-check", check_status=1)
+    _check(proc, "dry run with --no-data-check")
+    assert [c[4] for c in cmds] == ["describe", "create"]
+    # Without --data-dir the check asks only for a source; this shell's MD2PR_DATA_DIR is not the pod's.
+    proc, cmds = _dry_run(*args, env={"MD2PR_DATA_DIR": "/somewhere/local"})
+    _check(proc, "dry run")
+    assert cmds[0] == _check_cmd("configs/debug.py")
+
+
+def test_data_dir_from_env_flag_and_logs_worker():
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--env", "MD2PR_DATA_DIR=gs://b/d", "data",
+                          "logs", "--worker", "all")
+    _check(proc, "dry run")
+    assert cmds[0][-1].endswith("--data_dir gs://b/d")
+    assert cmds[1][-3:] == ["--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh logs --prefix"]
+    _, cmds = _dry_run("--zone", "z", "--name", "n", "--worker", "3", "logs")
+    assert cmds[0][-3] == "--worker=3"
 
 
 def test_dry_run_queued_resource():
@@ -114,6 +198,7 @@ def test_dry_run_queued_resource():
                           "create", "delete")
     _check(proc, "dry run")
     assert cmds == [
+        _check_cmd("configs/debug.py"),
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "n1", "--zone", "z1", "--format=value(state)"],
         ["gcloud", "compute", "tpus", "queued-resources", "create", "n1", "--zone", "z1", "--node-id", "n1",
          "--accelerator-type", "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite", "--spot"],
@@ -136,12 +221,12 @@ def test_runtime_version_follows_the_accelerator_family(accelerator, runtime):
         proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, *(["--queued"] if queued else []),
                               "create")
         _check(proc, "dry run")
-        create = cmds[1]
+        create = cmds[2]
         assert create[4] == "create" and create[create.index(flag) + 1] == runtime, create
     proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, "--runtime-version", "my-image",
                           "create")
     _check(proc, "dry run")
-    assert cmds[1][cmds[1].index("--version") + 1] == "my-image"
+    assert cmds[2][cmds[2].index("--version") + 1] == "my-image"
 
 
 def test_unknown_accelerator_family_asks_for_a_runtime_version():
@@ -149,26 +234,31 @@ def test_unknown_accelerator_family_asks_for_a_runtime_version():
     assert proc.returncode == 2 and "pass --runtime-version" in proc.stdout, proc.stdout
     proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v9z-8", "--runtime-version", "r1", "create")
     _check(proc, "dry run")
-    assert cmds[1][-2:] == ["--version", "r1"]
+    assert cmds[2][-2:] == ["--version", "r1"]
 
 
-def _setup_command(*args):
+def _setup_steps(*args):
+    """The install steps of `tpu_pod.sh setup` on a worker without a running job."""
     proc, cmds = _dry_run("--zone", "z", "--name", "n", *args, "setup")
     _check(proc, "dry run")
     assert cmds[-1][-2] == "--command"
-    return cmds[-1][-1]
+    cmd = cmds[-1][-1]
+    assert cmd.startswith("mkdir -p md2pr_jax && cd md2pr_jax && if [ -f launch/pod_job.sh ] && bash launch/pod_job.sh alive; then")
+    assert cmd.endswith("; fi")
+    return cmd[cmd.index("; else ") + len("; else "):-len("; fi")].split(" && ")
 
 
 def test_setup_installs_the_tpu_extra_and_what_the_job_reads():
-    """Workers get the tpu extra (never test: it pins torch, a multi-GB CUDA build on 3.12+),
-    then pod_packages.py installs, without dependencies, what the job's config reads."""
-    cmd = _setup_command("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
-    steps = cmd.split(" && ")
-    assert steps[-2:] == ["bash launch/setup.sh tpu",
-                          ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
-                          "--config.train.lr=1e-5 --topology v5e:4x4"]
-    assert "test" not in cmd
-    assert _setup_command("--extras", "tpu,bench").split(" && ")[-2] == "bash launch/setup.sh tpu,bench"
+    """Workers get CPython 3.11 from uv and the tpu extra (never test: it pins torch, a multi-GB
+    CUDA build on 3.12+), then pod_packages.py installs, without dependencies, what the job's
+    config reads."""
+    steps = _setup_steps("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
+    assert steps == ["tar xzf ../md2pr_jax.tar.gz", "MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu",
+                     ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
+                     "--config.train.lr=1e-5 --topology v5e:4x4"]
+    assert _setup_steps("--extras", "tpu,bench", "--python", "3.13")[1] == "MD2PR_UV_PYTHON=3.13 bash launch/setup.sh tpu,bench"
+    proc, _ = _dry_run("--zone", "z", "--name", "n", "--python", "3.10", "setup")
+    assert proc.returncode == 2 and "supports Python 3.11 to 3.13" in proc.stdout, proc.stdout
 
 
 def _pod_packages(*args):
@@ -191,21 +281,33 @@ def test_pod_packages_name_the_minilm_extra_only_where_the_job_reads_it():
     (["--zone", "z", "create"], "--name is required"),
     (["--zone", "z", "--name", "n"], "no command given"),
     (["--zone", "z", "--name", "n", "run"], "--workdir is required"),
+    (["--zone", "z", "--name", "n", "--workdir", "gs://b/w", "all"], "--data-dir is required"),
+    (["--zone", "z", "--name", "n", "--data-dir", "gs://b/d", "create", "setup", "run"], "--workdir is required"),
+    (["--zone", "z", "--name", "n", "--data-dir", "gs://b/d", "--env", "MD2PR_DATA_DIR=gs://b/e", "data"], "disagree"),
+    (["--zone", "z", "--name", "n", "--worker", "first", "logs"], "--worker takes"),
     (["--zone", "z", "--name", "n", "--bogus", "run"], "unknown argument '--bogus'"),
 ])
 def test_bad_flags_fail_clearly(args, message):
-    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"])
+    """Before any command runs: a flag missing for a later command must not leave a VM behind."""
+    proc, cmds = _dry_run(*args)
     assert proc.returncode == 2 and message in proc.stdout, proc.stdout
+    assert cmds == []
+
+
+def _calls(log) -> list[list[str]]:
+    """The calls the fake gcloud (and the fake data check) recorded, as word lists."""
+    return [shlex.split(line) for line in log.read_text().splitlines()]
 
 
 def test_create_keeps_a_ready_vm_and_recreates_a_preempted_one(tmp_path):
     log = tmp_path / "calls.log"
-    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log)}
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
+           "MD2PR_POD_PYTHON": DATA_CHECK}
     _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "READY"}), "create")
-    assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe"]
+    assert [c[0] if c[0] == "data_check" else c[4] for c in _calls(log)] == ["data_check", "describe"]
     log.write_text("")
     _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "PREEMPTED"}), "create")
-    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    calls = _calls(log)[1:]
     assert [c[4] for c in calls] == ["describe", "delete", "create"]
     assert calls[-1][-2:] == ["--version", "tpu-ubuntu2204-base"]  # the default v4-8
 
