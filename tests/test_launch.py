@@ -312,6 +312,152 @@ def test_create_keeps_a_ready_vm_and_recreates_a_preempted_one(tmp_path):
     assert calls[-1][-2:] == ["--version", "tpu-ubuntu2204-base"]  # the default v4-8
 
 
+# ---------------------------------------------------------------- setup.sh's interpreter (fakes, nothing installed)
+
+# A fake interpreter: `-c CODE` prints its version (all setup.sh asks with -c); every call is
+# logged as "<name> ARGS"; `-m venv DIR` makes a fake venv of its own version; `-m uv ...` and
+# `-m pip install --user uv==...` stand in for uv installed with pip (FAKE_PIP=fail: no pip).
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$FAKE_NAME $*" >>"$FAKE_LOG"
+case "$1" in
+  -c) echo "$FAKE_VERSION" ;;
+  -m)
+    case "$2" in
+      venv) FAKE_VERSION="$FAKE_VERSION" make_venv "$3" ;;
+      uv) [[ -f "$HOME/uv_installed" ]] || exit 1; shift 2; FAKE_NAME="python-m-uv" exec fake_uv "$@" ;;
+      pip)
+        if [[ -n "$FAKE_VENV" ]]; then exit 0; fi
+        if [[ "${FAKE_PIP:-}" == fail ]]; then echo "No module named pip" >&2; exit 1; fi
+        touch "$HOME/uv_installed" ;;
+    esac ;;
+esac
+"""
+# A fake uv: `python install V` is logged, `venv --seed --python V DIR` makes a fake venv of V.
+FAKE_UV = r"""#!/usr/bin/env bash
+echo "${FAKE_NAME:-uv} $*" >>"$FAKE_LOG"
+if [[ "$1" == venv ]]; then FAKE_VERSION="$4" make_venv "$5"; fi
+"""
+MAKE_VENV = r"""#!/usr/bin/env bash
+mkdir -p "$1/bin"
+printf '#!/usr/bin/env bash\nFAKE_NAME=venv-python FAKE_VERSION=%s FAKE_VENV=1 exec fake_python "$@"\n' "$FAKE_VERSION" >"$1/bin/python"
+chmod +x "$1/bin/python"
+"""
+
+
+def _setup_sandbox(tmp_path, python3="3.10", uv_on_path=True, venv=None):
+    """A copy of launch/setup.sh in its own repo folder, a PATH whose python3 reports `python3`
+    (and a fake uv when `uv_on_path`), an existing .venv of version `venv`: (repo, env, log)."""
+    repo, bin_dir, home = tmp_path / "repo", tmp_path / "bin", tmp_path / "home"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "launch", "setup.sh"), repo / "launch" / "setup.sh")
+    (repo / "setup.py").write_text("")
+    bin_dir.mkdir()
+    home.mkdir()
+    scripts = {"fake_python": FAKE_PYTHON, "fake_uv": FAKE_UV, "make_venv": MAKE_VENV,
+               "python3": '#!/usr/bin/env bash\nFAKE_NAME=python3 exec fake_python "$@"\n',
+               "python3.12": '#!/usr/bin/env bash\nFAKE_NAME=python3.12 FAKE_VERSION=3.12 exec fake_python "$@"\n',
+               "shellcheck": "#!/usr/bin/env bash\n"}  # so setup.sh never apt-installs it here
+    if uv_on_path:
+        scripts["uv"] = '#!/usr/bin/env bash\nexec fake_uv "$@"\n'
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_LOG": str(log), "FAKE_VERSION": python3}
+    for k in ("PYTHON", "UV", "MD2PR_UV_PYTHON"):
+        env[k] = ""
+    if venv:
+        subprocess.run([bin_dir / "make_venv", repo / ".venv"], env={**os.environ, **env, "FAKE_VERSION": venv}, check=True)
+    return repo, env, log
+
+
+def _setup(repo, env, **more):
+    env = {**env, **more}
+    unset = [k for k, v in env.items() if v == ""]
+    full = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    proc = subprocess.run(["bash", str(repo / "launch" / "setup.sh"), "tpu"], env=full, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+    return proc
+
+
+def _log(log) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+INSTALL = ["venv-python -c import sys; print(\"%d.%d\" % sys.version_info[:2])",
+           "venv-python -m pip install --quiet --upgrade pip", "venv-python -m pip install --quiet -e .[tpu]"]
+VERSION_PROBE = "-c import sys; print(\"%d.%d\" % sys.version_info[:2])"
+
+
+def test_setup_provisions_python_with_uv_when_python3_is_too_old(tmp_path):
+    """A TPU image's python3 (3.10): setup.sh says so, installs CPython 3.11 with uv, makes
+    .venv with it, and installs there; python3 itself never makes the venv."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10")
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert "python3 is Python 3.10 (md2pr_jax needs 3.11 to 3.13); provisioning CPython 3.11 with uv" in proc.stdout
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "uv python install 3.11", "uv venv --seed --python 3.11 .venv",
+                         *INSTALL[1:]]
+    assert (repo / ".venv" / ".md2pr_installed_tpu").exists()
+    # A second run finds the install complete.
+    log.write_text("")
+    _check(_setup(repo, env), "setup.sh again")
+    assert _log(log) == [INSTALL[0]]
+
+
+def test_setup_installs_uv_with_pip_when_none_is_on_path(tmp_path):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", uv_on_path=False)
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "python3 -m uv --version",
+                         "python3 -m pip install --user --quiet uv==0.13.8",
+                         "python3 -m uv python install 3.11", "python-m-uv python install 3.11",
+                         "python3 -m uv venv --seed --python 3.11 .venv", "python-m-uv venv --seed --python 3.11 .venv",
+                         *INSTALL[1:]]
+
+
+def test_setup_stops_at_once_when_uv_cannot_be_had(tmp_path):
+    """No uv and no pip: one message naming the Python found and what to do; no .venv."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", uv_on_path=False)
+    proc = _setup(repo, env, FAKE_PIP="fail")
+    assert proc.returncode == 2, proc.stdout
+    assert "python3 is Python 3.10 (md2pr_jax needs 3.11 to 3.13), and uv could not be installed" in proc.stdout
+    assert "PYTHON=python3.12 bash launch/setup.sh tpu" in proc.stdout and "install uv" in proc.stdout
+    assert _log(log)[-1] == "python3 -m pip install --user --quiet uv==0.13.8"
+    assert not (repo / ".venv").exists()
+
+
+def test_setup_uses_a_supported_interpreter_as_before(tmp_path):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.12")
+    _check(_setup(repo, env), "setup.sh")
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "python3 -m venv .venv", *INSTALL[1:]]
+    # PYTHON names another one; an unsupported PYTHON is refused (never replaced by uv's).
+    repo, env, log = _setup_sandbox(tmp_path / "b", python3="3.10")
+    _check(_setup(repo, env, PYTHON="python3.12"), "PYTHON=python3.12 setup.sh")
+    assert _log(log)[:2] == [f"python3.12 {VERSION_PROBE}", "python3.12 -m venv .venv"]
+    repo, env, log = _setup_sandbox(tmp_path / "c", python3="3.10")
+    proc = _setup(repo, env, PYTHON="python3")
+    assert proc.returncode == 2 and "python3 is Python 3.10" in proc.stdout and "unset PYTHON" in proc.stdout, proc.stdout
+    assert not (repo / ".venv").exists()
+
+
+def test_setup_remakes_a_venv_of_the_wrong_python(tmp_path):
+    """An earlier setup's .venv of the image's 3.10 is made again; MD2PR_UV_PYTHON (what
+    tpu_pod.sh passes) takes uv's CPython even where python3 would do."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", venv="3.10")
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert ".venv has Python 3.10, not 3.11 to 3.13; making it again" in proc.stdout
+    assert "uv venv --seed --python 3.11 .venv" in _log(log)
+    repo, env, log = _setup_sandbox(tmp_path / "b", python3="3.12", venv="3.12")
+    proc = _setup(repo, env, MD2PR_UV_PYTHON="3.11")
+    _check(proc, "MD2PR_UV_PYTHON=3.11 setup.sh")
+    assert _log(log) == [INSTALL[0], f"python3 {VERSION_PROBE}", "uv python install 3.11",
+                         "uv venv --seed --python 3.11 .venv", *INSTALL[1:]]
+    proc = _setup(repo, env, MD2PR_UV_PYTHON="3.10")
+    assert proc.returncode == 2 and "MD2PR_UV_PYTHON=3.10" in proc.stdout
+
+
 # ---------------------------------------------------------------- failure handling (fast, no JAX)
 
 def test_fake_gcloud_worker_failure_stops_the_others(tmp_path):
@@ -343,6 +489,129 @@ def test_multihost_local_failure_stops_the_others(tmp_path):
     assert "--config configs/debug.py --workdir " in log0 and "--mode teacher --config.seed=3" in log0
 
 
+# ---------------------------------------------------------------- the detached job (fake gcloud, fake job)
+
+# The workers' .venv/bin/python: `-m md2pr_jax.main` is a job that prints who it is and waits
+# for $FAKE_JOB_END to hold its exit status; `-m md2pr_jax.data.fetch` prints its arguments;
+# anything else (launch/workdir_status.py) runs on the real interpreter.
+FAKE_WORKER_PYTHON = r"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m md2pr_jax.main" ]]; then
+  echo "job: process $MD2PR_PROCESS_ID of $MD2PR_NUM_PROCESSES, data $MD2PR_DATA_DIR, args ${*:3}"
+  while [[ ! -s "$FAKE_JOB_END" ]]; do sleep 0.2; done
+  echo "job: ending"
+  exit "$(cat "$FAKE_JOB_END")"
+fi
+if [[ "$1 $2" == "-m md2pr_jax.data.fetch" ]]; then echo "fetch: ${*:3} (data $MD2PR_DATA_DIR)"; exit 0; fi
+exec "$FAKE_REAL_PYTHON" "$@"
+"""
+
+
+@pytest.fixture
+def fake_pod(tmp_path):
+    """_fake_pod(workers); whatever fake job is left running ends with the test."""
+    ends = []
+
+    def make(workers=2):
+        out = _fake_pod(tmp_path, workers)
+        ends.append(out[-1])
+        return out
+
+    yield make
+    for end in ends:
+        end.write_text("99")
+
+
+def _fake_pod(tmp_path, workers=2):
+    """Worker homes with md2pr_jax/ (launch and the package linked from this checkout, a fake
+    .venv/bin/python); (home, env for tpu_pod.sh through the fake gcloud, log, job-end file)."""
+    home = tmp_path / "pod"
+    for i in range(workers):
+        proj = home / f"worker_{i}" / "md2pr_jax"
+        (proj / ".venv" / "bin").mkdir(parents=True)
+        for entry in ("md2pr_jax", "configs", "launch"):
+            os.symlink(os.path.join(ROOT, entry), proj / entry)
+        py = proj / ".venv" / "bin" / "python"
+        py.write_text(FAKE_WORKER_PYTHON)
+        py.chmod(0o755)
+    log, end = tmp_path / "gcloud_calls.log", tmp_path / "job_end"
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
+           "FAKE_TPU_WORKERS": str(workers), "FAKE_TPU_HOME": str(home), "MD2PR_POD_PYTHON": DATA_CHECK,
+           "FAKE_JOB_END": str(end), "FAKE_REAL_PYTHON": sys.executable, "POLL_SECONDS": "0.5", "STOP_SECONDS": "10"}
+    return home, env, log, end
+
+
+def _pod(env, *args, timeout=120):
+    return _run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "fake-pod", *args], env=env, timeout=timeout)
+
+
+def _run_log(home, i) -> str:
+    return (home / f"worker_{i}" / "md2pr_jax" / "logs" / "run.log").read_text()
+
+
+def test_job_outlives_the_ssh_session_and_is_never_started_twice(tmp_path, fake_pod):
+    """`create data run` returns while the job runs on every worker, past the hangup that ends
+    each ssh session (the fake gcloud sends it); `run` again starts no second copy; `status`
+    says what each worker does and how far the workdir is; `stop`, and `run` + `wait` to the
+    job's end, pass or fail."""
+    home, env, log, end = fake_pod()
+    workdir = tmp_path / "bucket" / "run"
+    (workdir / "baselines").mkdir(parents=True)
+    (workdir / "teacher").mkdir()
+    (workdir / "config.json").write_text(json.dumps({"name": "debug", "rounds": {"num_rounds": 1}}))
+    (workdir / "baselines" / "DONE").write_text("")
+    (workdir / "timings.json").write_text(json.dumps({"baselines": 30.0}))
+    flags = ["--config", "configs/debug.py", "--workdir", str(workdir), "--data-dir", "gs://b/data"]
+    t = time.perf_counter()
+    proc = _pod(env, *flags, "create", "data", "run")
+    _check(proc, "tpu_pod.sh create data run")
+    assert time.perf_counter() - t < 60
+    assert "\nfetch: --config configs/debug.py --data_dir gs://b/data (data gs://b/data)\n" in proc.stdout  # worker 0 alone
+    for i in range(2):
+        assert f"[worker {i}]" in proc.stdout and "started the job (pid" in proc.stdout
+    time.sleep(1)  # past the hangup of the run's ssh sessions: the jobs still run
+    for i in range(2):
+        assert f"job: process {i} of 2, data gs://b/data, args --config configs/debug.py --workdir {workdir}" in _run_log(home, i)
+    calls = _calls(log)
+    assert calls[0][0] == "data_check" and calls[0][-3:] == ["--data_dir", "gs://b/data", "--check"]
+
+    proc = _pod(env, *flags, "run", "status")
+    _check(proc, "tpu_pod.sh run status")
+    for i in range(2):
+        assert proc.stdout.count(f"[worker {i}] ") >= 3 and _run_log(home, i).count(" starting: ") == 1
+    assert proc.stdout.count("the job is already running (pid") == 2 and "not starting a second copy" in proc.stdout
+    assert proc.stdout.count(": running (pid") == 2
+    assert f"workdir {workdir}: 1 of 8 pipeline stages done (config debug, 1 rounds)" in proc.stdout
+    assert "done: baselines 30 s" in proc.stdout and "running: teacher" in proc.stdout and "results.json: not yet" in proc.stdout
+
+    proc = _pod(env, "stop", "status")
+    _check(proc, "tpu_pod.sh stop status")
+    assert proc.stdout.count("stopped the job") == 2 and proc.stdout.count("stopped by SIGTERM") == 2, proc.stdout
+
+    _check(_pod(env, *flags, "run"), "tpu_pod.sh run after stop")
+    end.write_text("0")
+    proc = _pod(env, "wait", "status")
+    _check(proc, "tpu_pod.sh wait status")
+    assert proc.stdout.count("the job ended with status 0") == 2 and proc.stdout.count("finished (exit status 0)") == 2
+    assert "last log line: job: ending" in proc.stdout
+    for i in range(2):
+        assert _run_log(home, i).count(" starting: ") == 2
+
+    end.write_text("")
+    _check(_pod(env, *flags, "run"), "tpu_pod.sh run, a job that fails")
+    end.write_text("3")
+    proc = _pod(env, "wait")
+    assert proc.returncode == 3 and "the job ended with status 3" in proc.stdout, proc.stdout
+
+
+def test_run_reports_a_job_that_cannot_start(tmp_path, fake_pod):
+    """A worker without setup's .venv: `run` fails at once with the job's own message."""
+    home, env, _, _ = fake_pod(workers=1)
+    os.remove(home / "worker_0" / "md2pr_jax" / ".venv" / "bin" / "python")
+    proc = _pod(env, "--workdir", str(tmp_path / "w"), "run")
+    assert proc.returncode == 127, proc.stdout
+    assert "the job ended at once with status 127" in proc.stdout and ".venv/bin/python" in proc.stdout
+
+
 # ---------------------------------------------------------------- shellcheck
 
 def test_shellcheck():
@@ -369,8 +638,9 @@ def test_multihost_local_matches_single_process(reference, tmp_path):
 
 @pytest.mark.data
 def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
-    """tpu_pod.sh create + run through the fake gcloud: 2 "workers", each in its own home with
-    md2pr_jax/ (links to this checkout, standing in for setup's copy), one shared workdir."""
+    """tpu_pod.sh create + run + wait through the fake gcloud: 2 "workers", each in its own home
+    with md2pr_jax/ (links to this checkout, standing in for setup's copy), one shared workdir;
+    the job runs detached (past each ssh session's hangup) and `wait` follows it to its end."""
     home = tmp_path / "pod"
     for i in range(2):
         proj = home / f"worker_{i}" / "md2pr_jax"
@@ -380,18 +650,19 @@ def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
     workdir = str(tmp_path / "bucket" / "run")  # stands in for gs://: every worker sees it
     log = tmp_path / "gcloud_calls.log"
     env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
-           "FAKE_TPU_WORKERS": "2", "FAKE_TPU_HOME": str(home)}
+           "FAKE_TPU_WORKERS": "2", "FAKE_TPU_HOME": str(home), "MD2PR_POD_PYTHON": DATA_CHECK, "POLL_SECONDS": "2"}
     t = time.perf_counter()
     proc = _run(["bash", "launch/tpu_pod.sh", "--zone", "us-central2-b", "--name", "fake-pod", "--accelerator", "v4-16",
                  "--config", "configs/debug.py", "--workdir", workdir, "--mode", "pipeline", "--extra", " ".join(OVERRIDES),
-                 "--env", f"MD2PR_DATA_DIR={os.environ['MD2PR_DATA_DIR']}", "create", "run"], env=env)
-    _check(proc, "tpu_pod.sh create run (fake gcloud)")
+                 "--data-dir", os.environ["MD2PR_DATA_DIR"], "create", "run", "wait"], env=env)
+    _check(proc, "tpu_pod.sh create run wait (fake gcloud)")
     print(f"tpu_pod.sh via fake gcloud, 2 workers: {time.perf_counter() - t:.0f} s")
-    calls = [shlex.split(line) for line in log.read_text().splitlines()]
-    assert [c[3:5] for c in calls] == [["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "ssh"]]
-    assert "--worker=all" in calls[2]
+    calls = _calls(log)
+    assert calls[0][0] == "data_check"
+    assert [c[3:5] for c in calls[1:]] == [["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+    assert "--worker=all" in calls[3] and "pod_job.sh start" in calls[3][-1] and "pod_job.sh wait" in calls[4][-1]
     for i in range(2):
-        assert f"[worker {i}]" in proc.stdout
+        assert f"[worker {i}] " in proc.stdout and "the job ended with status 0" in proc.stdout
         run_log = (home / f"worker_{i}" / "md2pr_jax" / "logs" / "run.log").read_text()
         assert f"process {i} of 2" in run_log
     _assert_same_metrics(_results(workdir), reference)
