@@ -12,7 +12,8 @@
 #            (the TPU images ship Python 3.10; md2pr_jax needs 3.11 to 3.13) and the project in
 #            ~/md2pr_jax/.venv. A worker whose job is running is left as it is.
 #   data     on worker 0: fetch the config's dataset from its official source into --data-dir
-#            (python -m md2pr_jax.data.fetch; a dataset already there is kept)
+#            (python -m md2pr_jax.data.fetch with --config and the --config.* words of --extra;
+#            a dataset already there is kept; run it again if the ssh connection drops)
 #   run      start md2pr_jax.main on every worker, detached (it outlives the ssh session), with
 #            its output in ~/md2pr_jax/logs/run.log on each worker; returns at once. A worker
 #            whose job is still running keeps it: never a second copy.
@@ -144,6 +145,20 @@ for e in ${envs[@]+"${envs[@]}"}; do
   fi
 done
 if [[ -n "$data_dir" ]]; then job_envs+=("MD2PR_DATA_DIR=$data_dir"); fi
+# The --config.* words of --extra: the data check and fetch take those (main's other flags,
+# such as --topology, they do not).
+overrides=()
+read -r -a extra_words <<<"$extra"
+take=0
+for w in ${extra_words[@]+"${extra_words[@]}"}; do
+  if ((take)); then
+    overrides+=("$w")
+    take=0
+  elif [[ "$w" == --config.* ]]; then
+    overrides+=("$w")
+    if [[ "$w" != *=* ]]; then take=1; fi
+  fi
+done
 # Flags a later command needs are checked before the first command runs (nothing half done).
 has_command() {
   local c
@@ -212,7 +227,7 @@ check_data() {
   # This shell's MD2PR_DATA_DIR is not the workers': only --data-dir counts.
   local cmd=(env -u MD2PR_DATA_DIR "$py" -m md2pr_jax.data.fetch --config "$config")
   if [[ -n "$data_dir" ]]; then cmd+=(--data_dir "$data_dir"); fi
-  cmd+=(--check)
+  cmd+=(--check ${overrides[@]+"${overrides[@]}"})
   echo "+ $(quote_args "${cmd[@]}")"
   (cd "$repo" && "${cmd[@]}") || rc=$?
   case "$rc" in
@@ -280,7 +295,7 @@ do_setup() {
 
 do_data() {
   local fetch
-  fetch="$(quote_args .venv/bin/python -m md2pr_jax.data.fetch --config "$config" --data_dir "$data_dir")"
+  fetch="$(quote_args .venv/bin/python -m md2pr_jax.data.fetch --config "$config" --data_dir "$data_dir" ${overrides[@]+"${overrides[@]}"})"
   ssh_all 0 "cd md2pr_jax && $(env_words)${job_envs[*]:+ }$fetch"
 }
 

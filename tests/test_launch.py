@@ -109,8 +109,9 @@ def test_dry_run_prints_every_command():
     install = ("tar xzf ../md2pr_jax.tar.gz && MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu && "
                ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
                "--config.rounds.num_rounds=2 --config.train.lr=2e-5")
+    overrides = ["--config.rounds.num_rounds=2", "--config.train.lr=2e-5"]
     assert cmds == [
-        _check_cmd("configs/scifact_minilm.py", "gs://bucket/data"),
+        [*_check_cmd("configs/scifact_minilm.py", "gs://bucket/data"), *overrides],
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "md2pr", *z, "--format=value(state)"],
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "md2pr", *z, "--accelerator-type", "v4-32",
          "--version", "tpu-ubuntu2204-base", "--spot"],
@@ -121,7 +122,8 @@ def test_dry_run_prints_every_command():
          'echo "$(hostname): a job is running here; setup leaves this worker as it is (stop it first)"; '
          f"else {install}; fi"],
         [*ssh, "--worker=0", "--command", f"cd md2pr_jax && {env} .venv/bin/python -m md2pr_jax.data.fetch "
-                                          "--config configs/scifact_minilm.py --data_dir gs://bucket/data"],
+                                          "--config configs/scifact_minilm.py --data_dir gs://bucket/data "
+                                          "--config.rounds.num_rounds=2 --config.train.lr=2e-5"],
         [*ssh, "--worker=all", "--command", job],
         [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh status"],
         [*ssh, "--worker=0", "--command",
@@ -184,13 +186,34 @@ def test_data_check_that_cannot_run_says_how_to_skip_it():
 
 
 def test_data_dir_from_env_flag_and_logs_worker():
-    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--env", "MD2PR_DATA_DIR=gs://b/d", "data",
+    """MD2PR_DATA_DIR given with --env is the data dir; the data check and fetch get the
+    --config.* words of --extra (both forms), not main's other flags."""
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--env", "MD2PR_DATA_DIR=gs://b/d", "--extra",
+                          "--config.data.dataset nfcorpus --topology v5e:4x4 --config.seed=3", "create", "data",
                           "logs", "--worker", "all")
     _check(proc, "dry run")
-    assert cmds[0][-1].endswith("--data_dir gs://b/d")
+    overrides = ["--config.data.dataset", "nfcorpus", "--config.seed=3"]
+    assert cmds[0] == [*_check_cmd("configs/debug.py", "gs://b/d"), *overrides]
+    fetch = shlex.split(cmds[3][-1])
+    assert fetch[fetch.index("--data_dir"):] == ["--data_dir", "gs://b/d", *overrides]
+    cmds = cmds[3:]
     assert cmds[1][-3:] == ["--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh logs --prefix"]
     _, cmds = _dry_run("--zone", "z", "--name", "n", "--worker", "3", "logs")
     assert cmds[0][-3] == "--worker=3"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "md2pr_jax", "data", "fetch.py")),
+                    reason="md2pr_jax.data.fetch (the data check) is not in this checkout")
+def test_real_data_check_refuses_a_dataset_without_data_or_source(tmp_path):
+    """The check as it runs on a laptop (this interpreter, this checkout's module): SciFact has
+    a source; a dataset that is neither in the data dir nor known to any source stops `all`."""
+    args = ["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "--config", "configs/debug.py",
+            "--workdir", "gs://b/w", "--data-dir", str(tmp_path), "--dry-run", "all"]
+    env = {"MD2PR_POD_PYTHON": sys.executable, "GCLOUD": "gcloud"}
+    _check(_run(args, env=env, timeout=120), "dry run with the real data check")
+    proc = _run([*args, "--extra", "--config.data.dataset=no_such_dataset"], env=env, timeout=120)
+    assert proc.returncode == 2 and "no_such_dataset" in proc.stdout and "nothing was created" in proc.stdout, proc.stdout
+    assert "compute tpus tpu-vm" not in proc.stdout
 
 
 def test_dry_run_queued_resource():
