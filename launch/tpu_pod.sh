@@ -233,7 +233,7 @@ check_data() {
   case "$rc" in
     0) ;;
     2) die "no data for $config: its dataset is not in ${data_dir:-the data dir (no --data-dir given)} and has no download source (the check's message is above). Put the dataset there (or give --data-dir where it is); nothing was created" ;;
-    *) die "the data check could not run (status $rc; its output is above). Fix it (a gs:// --data-dir is read with application-default credentials: gcloud auth application-default login), or skip it with --no-data-check" ;;
+    *) die "the data check could not run (status $rc; its output is above). Fix it (it runs on this checkout's .venv, made by 'bash launch/setup.sh'; a gs:// --data-dir is read with application-default credentials: gcloud auth application-default login), or skip it with --no-data-check" ;;
   esac
 }
 

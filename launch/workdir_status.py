@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from md2pr_jax.layout import ROUND0_STAGES, Layout, round_stages
+# Worker 0's TPU belongs to the running job: nothing here may open it (md2pr_jax imports jax).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from md2pr_jax.layout import ROUND0_STAGES, Layout, round_stages  # noqa: E402
 
 
 def pipeline_stages(num_rounds: int) -> list[str]:
