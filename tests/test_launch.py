@@ -23,7 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_GCLOUD_DIR = os.path.join(ROOT, "tests", "fake_gcloud")
-SCRIPTS = ["launch/tpu_pod.sh", "launch/local.sh", "launch/multihost_local.sh", "launch/setup.sh", "tests/fake_gcloud/gcloud"]
+SCRIPTS = ["launch/tpu_pod.sh", "launch/pod_job.sh", "launch/local.sh", "launch/multihost_local.sh", "launch/setup.sh",
+           "tests/fake_gcloud/gcloud", "tests/fake_gcloud/data_check"]
 OVERRIDES = [] if os.environ.get("MD2PR_LAUNCH_FULL") else ["--config.rounds.num_rounds=1", "--config.teacher_train.max_steps=2"]
 ROWS = ("bm25", "zero_shot", "teacher_rerank", "md2pr")
 METRIC_TOL = 1e-4
@@ -74,9 +75,21 @@ def reference(tmp_path_factory):
 
 # ---------------------------------------------------------------- tpu_pod.sh --dry-run
 
-def _dry_run(*args):
-    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"], env={"GCLOUD": "gcloud"})
+DATA_CHECK = os.path.join(FAKE_GCLOUD_DIR, "data_check")
+
+
+def _dry_run(*args, check_status=0, env=None):
+    """tpu_pod.sh ARGS --dry-run, its data check answered by tests/fake_gcloud/data_check with
+    `check_status`: (process, the printed commands as word lists)."""
+    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"],
+                env={"GCLOUD": "gcloud", "MD2PR_POD_PYTHON": DATA_CHECK, "FAKE_DATA_CHECK": str(check_status),
+                     **(env or {})})
     return proc, [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def _check_cmd(config, data_dir=None):
+    return ["env", "-u", "MD2PR_DATA_DIR", DATA_CHECK, "-m", "md2pr_jax.data.fetch", "--config", config,
+            *(["--data_dir", data_dir] if data_dir else []), "--check"]
 
 
 def test_dry_run_prints_every_command():
@@ -84,29 +97,123 @@ def test_dry_run_prints_every_command():
                           "--runtime-version", "tpu-ubuntu2204-base", "--spot", "--config", "configs/scifact_minilm.py",
                           "--workdir", "gs://bucket/md2pr/run1", "--mode", "pipeline",
                           "--extra", "--config.rounds.num_rounds=2 --config.train.lr=2e-5",
-                          "--env", "MD2PR_DATA_DIR=gs://bucket/data", "all", "logs", "delete")
+                          "--data-dir", "gs://bucket/data", "--env", "GCSFS_X=1",
+                          "all", "status", "logs", "wait", "stop", "delete")
     _check(proc, "dry run")
     z = ["--zone", "us-central2-b", "--project", "proj"]
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "md2pr", *z]
-    job = ("cd md2pr_jax && mkdir -p logs && set -o pipefail && MD2PR_DATA_DIR=gs://bucket/data "
+    env = "env GCSFS_X=1 MD2PR_DATA_DIR=gs://bucket/data"
+    job = (f"cd md2pr_jax && bash launch/pod_job.sh start {env} "
            ".venv/bin/python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir gs://bucket/md2pr/run1 "
-           "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5 2>&1 | tee -a logs/run.log")
+           "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5")
+    install = ("tar xzf ../md2pr_jax.tar.gz && MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu && "
+               ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
+               "--config.rounds.num_rounds=2 --config.train.lr=2e-5")
+    overrides = ["--config.rounds.num_rounds=2", "--config.train.lr=2e-5"]
     assert cmds == [
+        [*_check_cmd("configs/scifact_minilm.py", "gs://bucket/data"), *overrides],
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "md2pr", *z, "--format=value(state)"],
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "md2pr", *z, "--accelerator-type", "v4-32",
          "--version", "tpu-ubuntu2204-base", "--spot"],
         ["git", "-C", ROOT, "archive", "--format=tar.gz", "-o", "/tmp/md2pr_jax.tar.gz", "HEAD"],
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/md2pr_jax.tar.gz", "md2pr:~/md2pr_jax.tar.gz", *z, "--worker=all"],
         [*ssh, "--worker=all", "--command",
-         "mkdir -p md2pr_jax && tar xzf md2pr_jax.tar.gz -C md2pr_jax && cd md2pr_jax && bash launch/setup.sh tpu && "
-         ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
-         "--config.rounds.num_rounds=2 --config.train.lr=2e-5"],
+         "mkdir -p md2pr_jax && cd md2pr_jax && if [ -f launch/pod_job.sh ] && bash launch/pod_job.sh alive; then "
+         'echo "$(hostname): a job is running here; setup leaves this worker as it is (stop it first)"; '
+         f"else {install}; fi"],
+        [*ssh, "--worker=0", "--command", f"cd md2pr_jax && {env} .venv/bin/python -m md2pr_jax.data.fetch "
+                                          "--config configs/scifact_minilm.py --data_dir gs://bucket/data "
+                                          "--config.rounds.num_rounds=2 --config.train.lr=2e-5"],
         [*ssh, "--worker=all", "--command", job],
-        [*ssh, "--worker=0", "--command", "tail -n 200 -F md2pr_jax/logs/run.log"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh status"],
+        [*ssh, "--worker=0", "--command",
+         f"cd md2pr_jax && {env} .venv/bin/python launch/workdir_status.py --workdir gs://bucket/md2pr/run1"],
+        [*ssh, "--worker=0", "--command", "cd md2pr_jax && bash launch/pod_job.sh logs"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh wait"],
+        [*ssh, "--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh stop"],
         ["gcloud", "compute", "tpus", "tpu-vm", "delete", "md2pr", *z, "--quiet"],
     ]
     # Never a command that removes the workdir (preemption: a rerun resumes from it).
     assert "rm " not in proc.stdout and "gsutil" not in proc.stdout
+
+
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v6e-16", "v2-alpha-tpuv6e"),
+])
+def test_dry_run_all_provisions_python_fetches_data_and_detaches_the_job(accelerator, runtime):
+    """The pod run of the issue: `all` checks the data before creating anything, installs
+    CPython 3.11 with uv (the images' python3 is 3.10), fetches the dataset into the bucket on
+    worker 0, and starts the job detached on every worker with the bucket as its data dir."""
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, "--spot",
+                          "--config", "configs/msmarco_bert_base.py", "--workdir", "gs://b/run", "--data-dir", "gs://b/data",
+                          "all")
+    _check(proc, "dry run")
+    assert cmds[0] == _check_cmd("configs/msmarco_bert_base.py", "gs://b/data")
+    assert [c[4] for c in cmds[1:3]] == ["describe", "create"] and cmds[2][cmds[2].index("--version") + 1] == runtime
+    setup, data, run = (c[-1] for c in cmds[-3:])
+    assert all(c[4] == "ssh" for c in cmds[-3:]) and [c[-3] for c in cmds[-3:]] == ["--worker=all", "--worker=0", "--worker=all"]
+    assert "MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu" in setup
+    assert data == ("cd md2pr_jax && env MD2PR_DATA_DIR=gs://b/data .venv/bin/python -m md2pr_jax.data.fetch "
+                    "--config configs/msmarco_bert_base.py --data_dir gs://b/data")
+    assert run.startswith("cd md2pr_jax && bash launch/pod_job.sh start env MD2PR_DATA_DIR=gs://b/data "
+                          ".venv/bin/python -m md2pr_jax.main --config configs/msmarco_bert_base.py --workdir gs://b/run ")
+    assert "tee" not in run and "|" not in run  # nothing ties the job to the ssh session
+
+
+def test_dry_run_without_a_data_source_stops_before_anything_is_created():
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v5litepod-16", "--config",
+                          "configs/msmarco_bert_base.py", "--workdir", "gs://b/run", "--data-dir", "gs://b/empty", "all",
+                          check_status=2)
+    assert proc.returncode == 2, proc.stdout
+    assert cmds == [_check_cmd("configs/msmarco_bert_base.py", "gs://b/empty")]
+    assert "no data for configs/msmarco_bert_base.py" in proc.stdout and "nothing was created" in proc.stdout
+    assert "no download source" in proc.stdout  # the check's own message is shown too
+
+
+def test_data_check_that_cannot_run_says_how_to_skip_it():
+    args = ("--zone", "z", "--name", "n", "create")
+    proc, cmds = _dry_run(*args, check_status=1)
+    assert proc.returncode == 2 and "--no-data-check" in proc.stdout and len(cmds) == 1, proc.stdout
+    proc, cmds = _dry_run(*args, "--no-data-check", check_status=1)
+    _check(proc, "dry run with --no-data-check")
+    assert [c[4] for c in cmds] == ["describe", "create"]
+    # Without --data-dir the check asks only for a source; this shell's MD2PR_DATA_DIR is not the pod's.
+    proc, cmds = _dry_run(*args, env={"MD2PR_DATA_DIR": "/somewhere/local"})
+    _check(proc, "dry run")
+    assert cmds[0] == _check_cmd("configs/debug.py")
+
+
+def test_data_dir_from_env_flag_and_logs_worker():
+    """MD2PR_DATA_DIR given with --env is the data dir; the data check and fetch get the
+    --config.* words of --extra (both forms), not main's other flags."""
+    proc, cmds = _dry_run("--zone", "z", "--name", "n", "--env", "MD2PR_DATA_DIR=gs://b/d", "--extra",
+                          "--config.data.dataset nfcorpus --topology v5e:4x4 --config.seed=3", "create", "data",
+                          "logs", "--worker", "all")
+    _check(proc, "dry run")
+    overrides = ["--config.data.dataset", "nfcorpus", "--config.seed=3"]
+    assert cmds[0] == [*_check_cmd("configs/debug.py", "gs://b/d"), *overrides]
+    fetch = shlex.split(cmds[3][-1])
+    assert fetch[fetch.index("--data_dir"):] == ["--data_dir", "gs://b/d", *overrides]
+    cmds = cmds[3:]
+    assert cmds[1][-3:] == ["--worker=all", "--command", "cd md2pr_jax && bash launch/pod_job.sh logs --prefix"]
+    _, cmds = _dry_run("--zone", "z", "--name", "n", "--worker", "3", "logs")
+    assert cmds[0][-3] == "--worker=3"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "md2pr_jax", "data", "fetch.py")),
+                    reason="md2pr_jax.data.fetch (the data check) is not in this checkout")
+def test_real_data_check_refuses_a_dataset_without_data_or_source(tmp_path):
+    """The check as it runs on a laptop (this interpreter, this checkout's module): SciFact has
+    a source; a dataset that is neither in the data dir nor known to any source stops `all`."""
+    args = ["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "--config", "configs/debug.py",
+            "--workdir", "gs://b/w", "--data-dir", str(tmp_path), "--dry-run", "all"]
+    env = {"MD2PR_POD_PYTHON": sys.executable, "GCLOUD": "gcloud"}
+    _check(_run(args, env=env, timeout=120), "dry run with the real data check")
+    proc = _run([*args, "--extra", "--config.data.dataset=no_such_dataset"], env=env, timeout=120)
+    assert proc.returncode == 2 and "no_such_dataset" in proc.stdout and "nothing was created" in proc.stdout, proc.stdout
+    assert "compute tpus tpu-vm" not in proc.stdout
 
 
 def test_dry_run_queued_resource():
@@ -114,6 +221,7 @@ def test_dry_run_queued_resource():
                           "create", "delete")
     _check(proc, "dry run")
     assert cmds == [
+        _check_cmd("configs/debug.py"),
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "n1", "--zone", "z1", "--format=value(state)"],
         ["gcloud", "compute", "tpus", "queued-resources", "create", "n1", "--zone", "z1", "--node-id", "n1",
          "--accelerator-type", "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite", "--spot"],
@@ -136,12 +244,12 @@ def test_runtime_version_follows_the_accelerator_family(accelerator, runtime):
         proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, *(["--queued"] if queued else []),
                               "create")
         _check(proc, "dry run")
-        create = cmds[1]
+        create = cmds[2]
         assert create[4] == "create" and create[create.index(flag) + 1] == runtime, create
     proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", accelerator, "--runtime-version", "my-image",
                           "create")
     _check(proc, "dry run")
-    assert cmds[1][cmds[1].index("--version") + 1] == "my-image"
+    assert cmds[2][cmds[2].index("--version") + 1] == "my-image"
 
 
 def test_unknown_accelerator_family_asks_for_a_runtime_version():
@@ -149,26 +257,31 @@ def test_unknown_accelerator_family_asks_for_a_runtime_version():
     assert proc.returncode == 2 and "pass --runtime-version" in proc.stdout, proc.stdout
     proc, cmds = _dry_run("--zone", "z", "--name", "n", "--accelerator", "v9z-8", "--runtime-version", "r1", "create")
     _check(proc, "dry run")
-    assert cmds[1][-2:] == ["--version", "r1"]
+    assert cmds[2][-2:] == ["--version", "r1"]
 
 
-def _setup_command(*args):
+def _setup_steps(*args):
+    """The install steps of `tpu_pod.sh setup` on a worker without a running job."""
     proc, cmds = _dry_run("--zone", "z", "--name", "n", *args, "setup")
     _check(proc, "dry run")
     assert cmds[-1][-2] == "--command"
-    return cmds[-1][-1]
+    cmd = cmds[-1][-1]
+    assert cmd.startswith("mkdir -p md2pr_jax && cd md2pr_jax && if [ -f launch/pod_job.sh ] && bash launch/pod_job.sh alive; then")
+    assert cmd.endswith("; fi")
+    return cmd[cmd.index("; else ") + len("; else "):-len("; fi")].split(" && ")
 
 
 def test_setup_installs_the_tpu_extra_and_what_the_job_reads():
-    """Workers get the tpu extra (never test: it pins torch, a multi-GB CUDA build on 3.12+),
-    then pod_packages.py installs, without dependencies, what the job's config reads."""
-    cmd = _setup_command("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
-    steps = cmd.split(" && ")
-    assert steps[-2:] == ["bash launch/setup.sh tpu",
-                          ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
-                          "--config.train.lr=1e-5 --topology v5e:4x4"]
-    assert "test" not in cmd
-    assert _setup_command("--extras", "tpu,bench").split(" && ")[-2] == "bash launch/setup.sh tpu,bench"
+    """Workers get CPython 3.11 from uv and the tpu extra (never test: it pins torch, a multi-GB
+    CUDA build on 3.12+), then pod_packages.py installs, without dependencies, what the job's
+    config reads."""
+    steps = _setup_steps("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
+    assert steps == ["tar xzf ../md2pr_jax.tar.gz", "MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu",
+                     ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
+                     "--config.train.lr=1e-5 --topology v5e:4x4"]
+    assert _setup_steps("--extras", "tpu,bench", "--python", "3.13")[1] == "MD2PR_UV_PYTHON=3.13 bash launch/setup.sh tpu,bench"
+    proc, _ = _dry_run("--zone", "z", "--name", "n", "--python", "3.10", "setup")
+    assert proc.returncode == 2 and "supports Python 3.11 to 3.13" in proc.stdout, proc.stdout
 
 
 def _pod_packages(*args):
@@ -191,23 +304,181 @@ def test_pod_packages_name_the_minilm_extra_only_where_the_job_reads_it():
     (["--zone", "z", "create"], "--name is required"),
     (["--zone", "z", "--name", "n"], "no command given"),
     (["--zone", "z", "--name", "n", "run"], "--workdir is required"),
+    (["--zone", "z", "--name", "n", "--workdir", "gs://b/w", "all"], "--data-dir is required"),
+    (["--zone", "z", "--name", "n", "--data-dir", "gs://b/d", "create", "setup", "run"], "--workdir is required"),
+    (["--zone", "z", "--name", "n", "--data-dir", "gs://b/d", "--env", "MD2PR_DATA_DIR=gs://b/e", "data"], "disagree"),
+    (["--zone", "z", "--name", "n", "--worker", "first", "logs"], "--worker takes"),
     (["--zone", "z", "--name", "n", "--bogus", "run"], "unknown argument '--bogus'"),
 ])
 def test_bad_flags_fail_clearly(args, message):
-    proc = _run(["bash", "launch/tpu_pod.sh", *args, "--dry-run"])
+    """Before any command runs: a flag missing for a later command must not leave a VM behind."""
+    proc, cmds = _dry_run(*args)
     assert proc.returncode == 2 and message in proc.stdout, proc.stdout
+    assert cmds == []
+
+
+def _calls(log) -> list[list[str]]:
+    """The calls the fake gcloud (and the fake data check) recorded, as word lists."""
+    return [shlex.split(line) for line in log.read_text().splitlines()]
 
 
 def test_create_keeps_a_ready_vm_and_recreates_a_preempted_one(tmp_path):
     log = tmp_path / "calls.log"
-    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log)}
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
+           "MD2PR_POD_PYTHON": DATA_CHECK}
     _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "READY"}), "create")
-    assert [line.split()[4] for line in log.read_text().splitlines()] == ["describe"]
+    assert [c[0] if c[0] == "data_check" else c[4] for c in _calls(log)] == ["data_check", "describe"]
     log.write_text("")
     _check(_run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "n", "create"], env={**env, "FAKE_TPU_STATE": "PREEMPTED"}), "create")
-    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    calls = _calls(log)[1:]
     assert [c[4] for c in calls] == ["describe", "delete", "create"]
     assert calls[-1][-2:] == ["--version", "tpu-ubuntu2204-base"]  # the default v4-8
+
+
+# ---------------------------------------------------------------- setup.sh's interpreter (fakes, nothing installed)
+
+# A fake interpreter: `-c CODE` prints its version (all setup.sh asks with -c); every call is
+# logged as "<name> ARGS"; `-m venv DIR` makes a fake venv of its own version; `-m uv ...` and
+# `-m pip install --user uv==...` stand in for uv installed with pip (FAKE_PIP=fail: no pip).
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$FAKE_NAME $*" >>"$FAKE_LOG"
+case "$1" in
+  -c) echo "$FAKE_VERSION" ;;
+  -m)
+    case "$2" in
+      venv) FAKE_VERSION="$FAKE_VERSION" make_venv "$3" ;;
+      uv) [[ -f "$HOME/uv_installed" ]] || exit 1; shift 2; FAKE_NAME="python-m-uv" exec fake_uv "$@" ;;
+      pip)
+        if [[ -n "$FAKE_VENV" ]]; then exit 0; fi
+        if [[ "${FAKE_PIP:-}" == fail ]]; then echo "No module named pip" >&2; exit 1; fi
+        touch "$HOME/uv_installed" ;;
+    esac ;;
+esac
+"""
+# A fake uv: `python install V` is logged, `venv --seed --python V DIR` makes a fake venv of V.
+FAKE_UV = r"""#!/usr/bin/env bash
+echo "${FAKE_NAME:-uv} $*" >>"$FAKE_LOG"
+if [[ "$1" == venv ]]; then FAKE_VERSION="$4" make_venv "$5"; fi
+"""
+MAKE_VENV = r"""#!/usr/bin/env bash
+mkdir -p "$1/bin"
+printf '#!/usr/bin/env bash\nFAKE_NAME=venv-python FAKE_VERSION=%s FAKE_VENV=1 exec fake_python "$@"\n' "$FAKE_VERSION" >"$1/bin/python"
+chmod +x "$1/bin/python"
+"""
+
+
+def _setup_sandbox(tmp_path, python3="3.10", uv_on_path=True, venv=None):
+    """A copy of launch/setup.sh in its own repo folder, a PATH whose python3 reports `python3`
+    (and a fake uv when `uv_on_path`), an existing .venv of version `venv`: (repo, env, log)."""
+    repo, bin_dir, home = tmp_path / "repo", tmp_path / "bin", tmp_path / "home"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "launch", "setup.sh"), repo / "launch" / "setup.sh")
+    (repo / "setup.py").write_text("")
+    bin_dir.mkdir()
+    home.mkdir()
+    scripts = {"fake_python": FAKE_PYTHON, "fake_uv": FAKE_UV, "make_venv": MAKE_VENV,
+               "python3": '#!/usr/bin/env bash\nFAKE_NAME=python3 exec fake_python "$@"\n',
+               "python3.12": '#!/usr/bin/env bash\nFAKE_NAME=python3.12 FAKE_VERSION=3.12 exec fake_python "$@"\n',
+               "shellcheck": "#!/usr/bin/env bash\n"}  # so setup.sh never apt-installs it here
+    if uv_on_path:
+        scripts["uv"] = '#!/usr/bin/env bash\nexec fake_uv "$@"\n'
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_LOG": str(log), "FAKE_VERSION": python3}
+    for k in ("PYTHON", "UV", "MD2PR_UV_PYTHON"):
+        env[k] = ""
+    if venv:
+        subprocess.run([bin_dir / "make_venv", repo / ".venv"], env={**os.environ, **env, "FAKE_VERSION": venv}, check=True)
+    return repo, env, log
+
+
+def _setup(repo, env, **more):
+    env = {**env, **more}
+    unset = [k for k, v in env.items() if v == ""]
+    full = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    proc = subprocess.run(["bash", str(repo / "launch" / "setup.sh"), "tpu"], env=full, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+    return proc
+
+
+def _log(log) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+INSTALL = ["venv-python -c import sys; print(\"%d.%d\" % sys.version_info[:2])",
+           "venv-python -m pip install --quiet --upgrade pip", "venv-python -m pip install --quiet -e .[tpu]"]
+VERSION_PROBE = "-c import sys; print(\"%d.%d\" % sys.version_info[:2])"
+
+
+def test_setup_provisions_python_with_uv_when_python3_is_too_old(tmp_path):
+    """A TPU image's python3 (3.10): setup.sh says so, installs CPython 3.11 with uv, makes
+    .venv with it, and installs there; python3 itself never makes the venv."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10")
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert "python3 is Python 3.10 (md2pr_jax needs 3.11 to 3.13); provisioning CPython 3.11 with uv" in proc.stdout
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "uv python install 3.11", "uv venv --seed --python 3.11 .venv",
+                         *INSTALL[1:]]
+    assert (repo / ".venv" / ".md2pr_installed_tpu").exists()
+    # A second run finds the install complete.
+    log.write_text("")
+    _check(_setup(repo, env), "setup.sh again")
+    assert _log(log) == [INSTALL[0]]
+
+
+def test_setup_installs_uv_with_pip_when_none_is_on_path(tmp_path):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", uv_on_path=False)
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "python3 -m uv --version",
+                         "python3 -m pip install --user --quiet uv==0.13.8",
+                         "python3 -m uv python install 3.11", "python-m-uv python install 3.11",
+                         "python3 -m uv venv --seed --python 3.11 .venv", "python-m-uv venv --seed --python 3.11 .venv",
+                         *INSTALL[1:]]
+
+
+def test_setup_stops_at_once_when_uv_cannot_be_had(tmp_path):
+    """No uv and no pip: one message naming the Python found and what to do; no .venv."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", uv_on_path=False)
+    proc = _setup(repo, env, FAKE_PIP="fail")
+    assert proc.returncode == 2, proc.stdout
+    assert "python3 is Python 3.10 (md2pr_jax needs 3.11 to 3.13), and uv could not be installed" in proc.stdout
+    assert "PYTHON=python3.12 bash launch/setup.sh tpu" in proc.stdout and "install uv" in proc.stdout
+    assert _log(log)[-1] == "python3 -m pip install --user --quiet uv==0.13.8"
+    assert not (repo / ".venv").exists()
+
+
+def test_setup_uses_a_supported_interpreter_as_before(tmp_path):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.12")
+    _check(_setup(repo, env), "setup.sh")
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "python3 -m venv .venv", *INSTALL[1:]]
+    # PYTHON names another one; an unsupported PYTHON is refused (never replaced by uv's).
+    repo, env, log = _setup_sandbox(tmp_path / "b", python3="3.10")
+    _check(_setup(repo, env, PYTHON="python3.12"), "PYTHON=python3.12 setup.sh")
+    assert _log(log)[:2] == [f"python3.12 {VERSION_PROBE}", "python3.12 -m venv .venv"]
+    repo, env, log = _setup_sandbox(tmp_path / "c", python3="3.10")
+    proc = _setup(repo, env, PYTHON="python3")
+    assert proc.returncode == 2 and "python3 is Python 3.10" in proc.stdout and "unset PYTHON" in proc.stdout, proc.stdout
+    assert not (repo / ".venv").exists()
+
+
+def test_setup_remakes_a_venv_of_the_wrong_python(tmp_path):
+    """An earlier setup's .venv of the image's 3.10 is made again; MD2PR_UV_PYTHON (what
+    tpu_pod.sh passes) takes uv's CPython even where python3 would do."""
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.10", venv="3.10")
+    proc = _setup(repo, env)
+    _check(proc, "setup.sh")
+    assert ".venv has Python 3.10, not 3.11 to 3.13; making it again" in proc.stdout
+    assert "uv venv --seed --python 3.11 .venv" in _log(log)
+    repo, env, log = _setup_sandbox(tmp_path / "b", python3="3.12", venv="3.12")
+    proc = _setup(repo, env, MD2PR_UV_PYTHON="3.11")
+    _check(proc, "MD2PR_UV_PYTHON=3.11 setup.sh")
+    assert _log(log) == [INSTALL[0], f"python3 {VERSION_PROBE}", "uv python install 3.11",
+                         "uv venv --seed --python 3.11 .venv", *INSTALL[1:]]
+    proc = _setup(repo, env, MD2PR_UV_PYTHON="3.10")
+    assert proc.returncode == 2 and "MD2PR_UV_PYTHON=3.10" in proc.stdout
 
 
 # ---------------------------------------------------------------- failure handling (fast, no JAX)
@@ -241,6 +512,129 @@ def test_multihost_local_failure_stops_the_others(tmp_path):
     assert "--config configs/debug.py --workdir " in log0 and "--mode teacher --config.seed=3" in log0
 
 
+# ---------------------------------------------------------------- the detached job (fake gcloud, fake job)
+
+# The workers' .venv/bin/python: `-m md2pr_jax.main` is a job that prints who it is and waits
+# for $FAKE_JOB_END to hold its exit status; `-m md2pr_jax.data.fetch` prints its arguments;
+# anything else (launch/workdir_status.py) runs on the real interpreter.
+FAKE_WORKER_PYTHON = r"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m md2pr_jax.main" ]]; then
+  echo "job: process $MD2PR_PROCESS_ID of $MD2PR_NUM_PROCESSES, data $MD2PR_DATA_DIR, args ${*:3}"
+  while [[ ! -s "$FAKE_JOB_END" ]]; do sleep 0.2; done
+  echo "job: ending"
+  exit "$(cat "$FAKE_JOB_END")"
+fi
+if [[ "$1 $2" == "-m md2pr_jax.data.fetch" ]]; then echo "fetch: ${*:3} (data $MD2PR_DATA_DIR)"; exit 0; fi
+exec "$FAKE_REAL_PYTHON" "$@"
+"""
+
+
+@pytest.fixture
+def fake_pod(tmp_path):
+    """_fake_pod(workers); whatever fake job is left running ends with the test."""
+    ends = []
+
+    def make(workers=2):
+        out = _fake_pod(tmp_path, workers)
+        ends.append(out[-1])
+        return out
+
+    yield make
+    for end in ends:
+        end.write_text("99")
+
+
+def _fake_pod(tmp_path, workers=2):
+    """Worker homes with md2pr_jax/ (launch and the package linked from this checkout, a fake
+    .venv/bin/python); (home, env for tpu_pod.sh through the fake gcloud, log, job-end file)."""
+    home = tmp_path / "pod"
+    for i in range(workers):
+        proj = home / f"worker_{i}" / "md2pr_jax"
+        (proj / ".venv" / "bin").mkdir(parents=True)
+        for entry in ("md2pr_jax", "configs", "launch"):
+            os.symlink(os.path.join(ROOT, entry), proj / entry)
+        py = proj / ".venv" / "bin" / "python"
+        py.write_text(FAKE_WORKER_PYTHON)
+        py.chmod(0o755)
+    log, end = tmp_path / "gcloud_calls.log", tmp_path / "job_end"
+    env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
+           "FAKE_TPU_WORKERS": str(workers), "FAKE_TPU_HOME": str(home), "MD2PR_POD_PYTHON": DATA_CHECK,
+           "FAKE_JOB_END": str(end), "FAKE_REAL_PYTHON": sys.executable, "POLL_SECONDS": "0.5", "STOP_SECONDS": "10"}
+    return home, env, log, end
+
+
+def _pod(env, *args, timeout=120):
+    return _run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--name", "fake-pod", *args], env=env, timeout=timeout)
+
+
+def _run_log(home, i) -> str:
+    return (home / f"worker_{i}" / "md2pr_jax" / "logs" / "run.log").read_text()
+
+
+def test_job_outlives_the_ssh_session_and_is_never_started_twice(tmp_path, fake_pod):
+    """`create data run` returns while the job runs on every worker, past the hangup that ends
+    each ssh session (the fake gcloud sends it); `run` again starts no second copy; `status`
+    says what each worker does and how far the workdir is; `stop`, and `run` + `wait` to the
+    job's end, pass or fail."""
+    home, env, log, end = fake_pod()
+    workdir = tmp_path / "bucket" / "run"
+    (workdir / "baselines").mkdir(parents=True)
+    (workdir / "teacher").mkdir()
+    (workdir / "config.json").write_text(json.dumps({"name": "debug", "rounds": {"num_rounds": 1}}))
+    (workdir / "baselines" / "DONE").write_text("")
+    (workdir / "timings.json").write_text(json.dumps({"baselines": 30.0}))
+    flags = ["--config", "configs/debug.py", "--workdir", str(workdir), "--data-dir", "gs://b/data"]
+    t = time.perf_counter()
+    proc = _pod(env, *flags, "create", "data", "run")
+    _check(proc, "tpu_pod.sh create data run")
+    assert time.perf_counter() - t < 60
+    assert "\nfetch: --config configs/debug.py --data_dir gs://b/data (data gs://b/data)\n" in proc.stdout  # worker 0 alone
+    for i in range(2):
+        assert f"[worker {i}]" in proc.stdout and "started the job (pid" in proc.stdout
+    time.sleep(1)  # past the hangup of the run's ssh sessions: the jobs still run
+    for i in range(2):
+        assert f"job: process {i} of 2, data gs://b/data, args --config configs/debug.py --workdir {workdir}" in _run_log(home, i)
+    calls = _calls(log)
+    assert calls[0][0] == "data_check" and calls[0][-3:] == ["--data_dir", "gs://b/data", "--check"]
+
+    proc = _pod(env, *flags, "run", "status")
+    _check(proc, "tpu_pod.sh run status")
+    for i in range(2):
+        assert proc.stdout.count(f"[worker {i}] ") >= 3 and _run_log(home, i).count(" starting: ") == 1
+    assert proc.stdout.count("the job is already running (pid") == 2 and "not starting a second copy" in proc.stdout
+    assert proc.stdout.count(": running (pid") == 2
+    assert f"workdir {workdir}: 1 of 8 pipeline stages done (config debug, 1 rounds)" in proc.stdout
+    assert "done: baselines 30 s" in proc.stdout and "running: teacher" in proc.stdout and "results.json: not yet" in proc.stdout
+
+    proc = _pod(env, "stop", "status")
+    _check(proc, "tpu_pod.sh stop status")
+    assert proc.stdout.count("stopped the job") == 2 and proc.stdout.count("stopped by SIGTERM") == 2, proc.stdout
+
+    _check(_pod(env, *flags, "run"), "tpu_pod.sh run after stop")
+    end.write_text("0")
+    proc = _pod(env, "wait", "status")
+    _check(proc, "tpu_pod.sh wait status")
+    assert proc.stdout.count("the job ended with status 0") == 2 and proc.stdout.count("finished (exit status 0)") == 2
+    assert "last log line: job: ending" in proc.stdout
+    for i in range(2):
+        assert _run_log(home, i).count(" starting: ") == 2
+
+    end.write_text("")
+    _check(_pod(env, *flags, "run"), "tpu_pod.sh run, a job that fails")
+    end.write_text("3")
+    proc = _pod(env, "wait")
+    assert proc.returncode == 3 and "the job ended with status 3" in proc.stdout, proc.stdout
+
+
+def test_run_reports_a_job_that_cannot_start(tmp_path, fake_pod):
+    """A worker without setup's .venv: `run` fails at once with the job's own message."""
+    home, env, _, _ = fake_pod(workers=1)
+    os.remove(home / "worker_0" / "md2pr_jax" / ".venv" / "bin" / "python")
+    proc = _pod(env, "--workdir", str(tmp_path / "w"), "run")
+    assert proc.returncode == 127, proc.stdout
+    assert "the job ended at once with status 127" in proc.stdout and ".venv/bin/python" in proc.stdout
+
+
 # ---------------------------------------------------------------- shellcheck
 
 def test_shellcheck():
@@ -267,8 +661,9 @@ def test_multihost_local_matches_single_process(reference, tmp_path):
 
 @pytest.mark.data
 def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
-    """tpu_pod.sh create + run through the fake gcloud: 2 "workers", each in its own home with
-    md2pr_jax/ (links to this checkout, standing in for setup's copy), one shared workdir."""
+    """tpu_pod.sh create + run + wait through the fake gcloud: 2 "workers", each in its own home
+    with md2pr_jax/ (links to this checkout, standing in for setup's copy), one shared workdir;
+    the job runs detached (past each ssh session's hangup) and `wait` follows it to its end."""
     home = tmp_path / "pod"
     for i in range(2):
         proj = home / f"worker_{i}" / "md2pr_jax"
@@ -278,18 +673,19 @@ def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
     workdir = str(tmp_path / "bucket" / "run")  # stands in for gs://: every worker sees it
     log = tmp_path / "gcloud_calls.log"
     env = {"PATH": FAKE_GCLOUD_DIR + os.pathsep + os.environ["PATH"], "FAKE_GCLOUD_LOG": str(log),
-           "FAKE_TPU_WORKERS": "2", "FAKE_TPU_HOME": str(home)}
+           "FAKE_TPU_WORKERS": "2", "FAKE_TPU_HOME": str(home), "MD2PR_POD_PYTHON": DATA_CHECK, "POLL_SECONDS": "2"}
     t = time.perf_counter()
     proc = _run(["bash", "launch/tpu_pod.sh", "--zone", "us-central2-b", "--name", "fake-pod", "--accelerator", "v4-16",
                  "--config", "configs/debug.py", "--workdir", workdir, "--mode", "pipeline", "--extra", " ".join(OVERRIDES),
-                 "--env", f"MD2PR_DATA_DIR={os.environ['MD2PR_DATA_DIR']}", "create", "run"], env=env)
-    _check(proc, "tpu_pod.sh create run (fake gcloud)")
+                 "--data-dir", os.environ["MD2PR_DATA_DIR"], "create", "run", "wait"], env=env)
+    _check(proc, "tpu_pod.sh create run wait (fake gcloud)")
     print(f"tpu_pod.sh via fake gcloud, 2 workers: {time.perf_counter() - t:.0f} s")
-    calls = [shlex.split(line) for line in log.read_text().splitlines()]
-    assert [c[3:5] for c in calls] == [["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "ssh"]]
-    assert "--worker=all" in calls[2]
+    calls = _calls(log)
+    assert calls[0][0] == "data_check"
+    assert [c[3:5] for c in calls[1:]] == [["tpu-vm", "describe"], ["tpu-vm", "create"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+    assert "--worker=all" in calls[3] and "pod_job.sh start" in calls[3][-1] and "pod_job.sh wait" in calls[4][-1]
     for i in range(2):
-        assert f"[worker {i}]" in proc.stdout
+        assert f"[worker {i}] " in proc.stdout and "the job ended with status 0" in proc.stdout
         run_log = (home / f"worker_{i}" / "md2pr_jax" / "logs" / "run.log").read_text()
         assert f"process {i} of 2" in run_log
     _assert_same_metrics(_results(workdir), reference)
