@@ -384,26 +384,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_stop_together_on_missing_data(tmp_path):
+@pytest.mark.parametrize("case", ["both", "one"])
+def test_two_processes_stop_together_on_missing_data(tmp_path, case):
     """Both processes of a 2-process run reach the data check and exit with the same message,
-    at once: no process waits at a barrier for one that failed."""
+    at once: no process waits at a barrier for one that failed. 'one': only process 0 has the
+    dataset (in its own home's cache, as on hosts that share no disk); both still stop."""
     port = _free_port()
+    dataset = "robust04" if case == "both" else "toy"
+    write_beir(tmp_path / "home0" / ".cache" / "md2pr_jax" / "data", "toy")
     procs, t0 = [], time.time()
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, HOME=str(tmp_path / "home"),
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, HOME=str(tmp_path / f"home{pid}"),
                    MD2PR_COORDINATOR=f"127.0.0.1:{port}", MD2PR_NUM_PROCESSES="2", MD2PR_PROCESS_ID=str(pid),
                    MD2PR_DATA_DIR=str(tmp_path / "nodata"))  # fmt: skip
         cmd = [sys.executable, "-m", "md2pr_jax.main", "--config", os.path.join(ROOT, "configs", "debug.py"),
-               "--workdir", str(tmp_path / "wd"), "--mode", "pipeline", "--config.data.dataset=robust04"]  # fmt: skip
+               "--workdir", str(tmp_path / "wd"), "--mode", "pipeline", f"--config.data.dataset={dataset}"]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     seconds = time.time() - t0
+    lacking = "[0, 1]" if case == "both" else "[1]"
     for p, out in zip(procs, outs):
         assert p.returncode == 1, out[-3000:]
-        assert "md2pr: process(es) [0, 1] of 2 find no robust04/" in out, out[-3000:]
-        assert "no download source is known" in out
+        assert f"md2pr: process(es) {lacking} of 2: dataset {dataset!r} (builder 'beir') is not in" in out, out[-3000:]
+        assert "no download source is known" in out and "Traceback" not in out
     assert seconds < 120, f"{seconds:.0f} s: a process waited for the other"
-
+    assert not os.path.exists(tmp_path / "wd" / "config.json")  # stopped before the first stage
 
 
 def test_fetch_into_a_bucket(tmp_path, mirror, gcs):
@@ -447,3 +452,20 @@ def test_main_fetches_scifact_into_the_cache_for_a_new_user(tmp_path, mirror, mo
     config.data.dataset = "robust04"
     with pytest.raises(SystemExit, match=r"^md2pr: dataset 'robust04' \(builder 'beir'\) is not in"):
         main.check_data(config)
+
+
+def test_a_failed_fetch_keeps_its_whole_downloads(tmp_path, mirror):
+    """NQ's last file breaks off: the next fetch downloads the rest of it only, not the three
+    files before it."""
+    _write_nq(tmp_path / "local" / "nq")
+    _serve_nq(mirror, tmp_path / "local" / "nq")
+    last = sources.NQ_DPR.resources[-1]
+    path = urlsplit(last.location(mirror.url)).path
+    mirror.cut[path] = 10
+    with pytest.raises(fetch.DataError, match="nq-test.qa.csv stopped at"):
+        fetch.fetch("nq_dpr", "nq", str(tmp_path / "data"), progress=False)
+    assert not (tmp_path / "data" / "nq").exists()
+    n = len(mirror.requests)
+    fetch.fetch("nq_dpr", "nq", str(tmp_path / "data"), progress=False)
+    assert mirror.requests[n:] == [(path, "bytes=10-")]
+    assert _read(tmp_path / "data" / "nq" / "nq-test.qa.csv") == _read(tmp_path / "local" / "nq" / "nq-test.qa.csv")

@@ -109,7 +109,9 @@ def _download(url: str, dest: str, headers: tuple = (), progress: bool = True) -
         if e.code == 416 and have:  # the part is already whole
             os.replace(part, dest)
             return
-        raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
+        raise DataError(
+            f"downloading {url} failed: HTTP {e.code} {e.reason}" + (" (has the file moved? see the dataset's homepage)" if e.code == 404 else "")
+        ) from e
     except (OSError, HTTPException) as e:
         raise DataError(f"downloading {url} failed: {e}; check the machine's internet access and retry") from e
     from tqdm import tqdm
@@ -293,8 +295,9 @@ def fetch(
         for res in source.resources:
             url = res.location(mirror)
             archive = os.path.join(downloads, res.filename)
-            logging.info("fetching %s", url)
-            _download(url, archive, res.headers, progress)
+            if not os.path.exists(archive):  # else whole from a try that failed later (verified below)
+                logging.info("fetching %s", url)
+                _download(url, archive, res.headers, progress)
             digest = _verify(res, archive, recorded)
             if not res.verified and res.url not in recorded:
                 recorded[res.url] = {**digest, "date": time.strftime("%Y-%m-%d")}
@@ -335,6 +338,7 @@ def _publish(staging: str, folder: epath.Path) -> None:
             src = os.path.join(dirpath, name)
             dst = folder / os.path.relpath(src, staging)
             dst.parent.mkdir(parents=True, exist_ok=True)
+            logging.info("uploading %s (%s bytes)", dst, f"{os.path.getsize(src):,}")
             with open(src, "rb") as fin, dst.open("wb") as fout:
                 shutil.copyfileobj(fin, fout, 16 * _CHUNK)
     marker.unlink()
@@ -373,16 +377,14 @@ def ensure_data(config) -> str:
         seen = np.asarray(multihost_utils.process_allgather(np.int32(found is not None)))
         lacking = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
         if lacking:
-            fix = (
-                f"fetch it once into a folder every worker sees: python -m md2pr_jax.data.fetch --config <config> "
-                f"--data_dir {d.dir or 'gs://BUCKET/data'} (on a pod: launch/tpu_pod.sh ... data), then point "
-                "config.data.dir (MD2PR_DATA_DIR) there"
-                if sources.source_for(d.builder, d.dataset)
-                else _no_source_message(d.builder, d.dataset, dirs)
-            )
+            who = f"process(es) {lacking} of {seen.size}"
+            if sources.source_for(d.builder, d.dataset) is None:
+                raise DataError(f"{who}: {_no_source_message(d.builder, d.dataset, dirs)}")
             raise DataError(
-                f"process(es) {lacking} of {len(seen.reshape(-1))} find no {d.dataset}/ under {' or '.join(dirs) or '(no data dir)'}; "
-                f"a multi-process run downloads nothing: {fix}"
+                f"{who} find no {d.dataset}/ in {' or '.join(dirs)}, and a multi-process run downloads nothing: fetch "
+                f"it once into a folder every worker sees (python -m md2pr_jax.data.fetch --config <config> --data_dir "
+                f"{d.dir or 'gs://BUCKET/data'}; on a pod: launch/tpu_pod.sh ... data), and set config.data.dir "
+                "(MD2PR_DATA_DIR) to that folder"
             )
         return found
     if found:
