@@ -424,6 +424,9 @@ def main(argv) -> None:
     cfg = flags.FLAGS.config
     data_dir = flags.FLAGS.data_dir or cfg.data.dir or CACHE_DATA_DIR
     if flags.FLAGS.check:
+        import logging as std_logging
+
+        std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)  # its retry tracebacks; the outcome is logged below
         status, message = check(cfg.data.builder, cfg.data.dataset, data_dir)
         print(message, file=sys.stdout if status == 0 else sys.stderr)
         sys.exit(status)
