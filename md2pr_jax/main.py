@@ -25,6 +25,7 @@ MODES = {
     "aot": "md2pr_jax.aot:aot_mode",
     "prepare": "md2pr_jax.data:prepare_mode",
 }
+DATA_MODES = ("teacher", "student", "pipeline", "evaluate", "prepare")  # modes that read config.data.dataset
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, artifacts and reports (local or gs://).")
@@ -77,7 +78,20 @@ def main(argv) -> None:
 
     use_compilation_cache()
     maybe_initialize_distributed(_DISTRIBUTED.value)
+    if _MODE.value in DATA_MODES:
+        check_data(config)
     resolve_mode(_MODE.value)(config, _WORKDIR.value)
+
+
+def check_data(config) -> None:
+    """Every process checks (one fetches) the dataset before the mode's first barrier; a missing
+    dataset stops all of them with the same one-line message instead of a traceback or a hang."""
+    from md2pr_jax.data.fetch import DataError, ensure_data
+
+    try:
+        config.data.dir = ensure_data(config)
+    except DataError as e:
+        sys.exit(f"md2pr: {e}")
 
 
 def run() -> None:

@@ -11,12 +11,15 @@ feature in Python, and four empty sequences per passage doubled the build and re
 Record order is the source files' order (`disable_shuffling`).
 
   beir             any BEIR dataset (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); one builder
-                   config per dataset name; read from the manual dir <data.dir>/<name>, else
-                   downloaded from BEIR's URL where there is internet.
+                   config per dataset name.
   msmarco_passage  collection.tsv, queries.{train,dev}.tsv, qrels.{train,dev}.tsv (the
                    '.dev.small' files are used when the full dev files are absent), and
                    optionally qidpidtriples.train.full.2.tsv for hard negatives.
   nq_dpr           DPR's psgs_w100.tsv, biencoder-nq-{train,dev}.json, nq-test.qa.csv.
+
+Each builder reads the manual dir <data.dir>/<dataset>. Its official source (URLs and
+checksums, `source(dataset)`, declared in `sources.py`) is fetched there by `build` when the
+folder is absent (`md2pr_jax.data.fetch`: verified, resumable, never half-written).
 
 Bad records follow `records.BadRecords` (config.data.bad_records). Use `build(...)`, which
 also keeps the per-kind counts beside the build and rebuilds when the source files change.
@@ -38,10 +41,9 @@ from absl import logging
 from etils import epath
 
 from md2pr_jax import artifacts
-from md2pr_jax.data import records
+from md2pr_jax.data import records, sources
 from md2pr_jax.data.records import BadRecords
 
-BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 BEIR_DATASETS = (
     "arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa",
     "msmarco", "nfcorpus", "nq", "quora", "scidocs", "scifact", "signal1m", "trec-covid",
@@ -81,8 +83,12 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Judgements, negatives and answers in one JSON field."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Place the dataset's official files in <config.data.dir>/<dataset>."
-    DOWNLOAD_URL: str = ""
     SOURCE_FILES: tuple[str, ...] = ()  # files that must be present in a manual dir
+
+    @classmethod
+    def source(cls, dataset: str) -> sources.DatasetSource | None:
+        """The official files of `dataset` (URLs, checksums, layout), or None where none is known."""
+        return sources.source_for(cls.name, dataset)
 
     def __init__(self, *, source_dir: str, bad_records: str = "error", **kwargs):
         self.source_dir = source_dir
@@ -109,21 +115,19 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         raise NotImplementedError
 
     # -- TFDS ------------------------------------------------------------------------------
-    def _resolve_source(self, dl_manager) -> str:
+    def _resolve_source(self) -> str:
         src = epath.Path(self.source_dir) if self.source_dir else None
         if src is not None and src.is_dir() and any(src.iterdir()):
             return self.source_dir
-        if self.DOWNLOAD_URL:
-            url = self.DOWNLOAD_URL.format(name=self.builder_config.name)
-            logging.info("%s not found; downloading %s", self.source_dir, url)
-            return os.fspath(dl_manager.download_and_extract(url) / self.builder_config.name)
         raise FileNotFoundError(
-            f"{self.name}: source directory {self.source_dir!r} is missing or empty and this dataset "
-            f"cannot be downloaded here; put {', '.join(self.SOURCE_FILES)} there (config.data.dir/<dataset>)"
+            f"{self.name}: source directory {self.source_dir!r} is missing or empty; put "
+            f"{', '.join(self.SOURCE_FILES)} there (config.data.dir/<dataset>), or fetch it: "
+            "python -m md2pr_jax.data.fetch --config <config>"
         )
 
     def _split_generators(self, dl_manager):
-        src = self._resolve_source(dl_manager)
+        del dl_manager  # the files are fetched before the build (see `build`)
+        src = self._resolve_source()
         missing = [f for f in self.SOURCE_FILES if not _exists(os.path.join(src, f))]
         if missing:
             raise FileNotFoundError(f"{self.name}: {src} lacks {', '.join(missing)}")
@@ -198,8 +202,7 @@ class Beir(_RetrievalBuilder):
 
     name = "beir"
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=f"BEIR {n}") for n in BEIR_DATASETS]
-    DOWNLOAD_URL = BEIR_URL
-    SOURCE_FILES = ("corpus.jsonl", "queries.jsonl")
+    SOURCE_FILES = sources.REQUIRED_FILES["beir"]
 
     def _corpus(self, src, bad):
         path, seen = os.path.join(src, "corpus.jsonl"), set()
@@ -231,7 +234,7 @@ class MsmarcoPassage(_RetrievalBuilder):
 
     name = "msmarco_passage"
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="msmarco", description="MS MARCO passage ranking")]
-    SOURCE_FILES = ("collection.tsv", "queries.train.tsv", "qrels.train.tsv")
+    SOURCE_FILES = sources.REQUIRED_FILES["msmarco_passage"]
     TRIPLES = "qidpidtriples.train.full.2.tsv"
 
     def _corpus(self, src, bad):
@@ -297,7 +300,7 @@ class NqDpr(_RetrievalBuilder):
 
     name = "nq_dpr"
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="nq", description="DPR Natural Questions")]
-    SOURCE_FILES = ("psgs_w100.tsv",)
+    SOURCE_FILES = sources.REQUIRED_FILES["nq_dpr"]
 
     def _corpus(self, src, bad):
         path, seen = os.path.join(src, "psgs_w100.tsv"), set()
@@ -383,11 +386,16 @@ class BuildResult:
 
 def build(builder_name: str, dataset: str, source_dir: str, cache_dir: str, bad_records: str = "error") -> BuildResult:
     """Builds (or reuses) the TFDS dataset `builder_name`/`dataset` from `source_dir` into
-    `cache_dir`/tfds. A build is reused while its source files are unchanged; a cached build
+    `cache_dir`/tfds; a missing `source_dir` (<data dir>/<dataset>) is first fetched from the
+    dataset's official source where it has one. A build is reused while its source files are unchanged; a cached build
     that skipped bad records is refused under the 'error' policy, naming the first one."""
     if builder_name not in BUILDERS:
         raise ValueError(f"unknown builder {builder_name!r} (config.data.builder); known: {sorted(BUILDERS)}")
     cls = BUILDERS[builder_name]
+    if source_dir and not _exists(source_dir) and cls.source(dataset) is not None:
+        from md2pr_jax.data import fetch
+
+        fetch.fetch(builder_name, dataset, os.path.dirname(source_dir.rstrip("/")))
     known = {c.name for c in cls.BUILDER_CONFIGS}
     config = dataset if dataset in known else tfds.core.BuilderConfig(name=dataset, description=f"{builder_name} {dataset}")
     if builder_name != "beir" and dataset not in known:

@@ -254,9 +254,20 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     `tokenizer` defaults to `md2pr_jax.hf.load_tokenizer(config)`; it must be a fast tokenizer
     that adds [CLS] ... [SEP]. With several JAX processes sharing the cache folder, process 0
     builds first and the others load its result (concurrent builds race on TFDS's rename).
+
+    Every process first checks the data dir (`fetch.ensure_data`: one process fetches a missing
+    dataset into the local cache; several agree that each sees it, or all raise DataError), so
+    a missing dataset is one error everywhere rather than process 0 failing while the others
+    wait at the barrier below.
     """
     import jax
 
+    from md2pr_jax.data.fetch import ensure_data
+
+    root = ensure_data(config)
+    if root != config.data.dir:
+        config = config.copy_and_resolve_references()
+        config.data.dir = root
     if jax.process_count() == 1:
         return _prepare_dataset(config, workdir, tokenizer)
     from jax.experimental import multihost_utils
@@ -268,8 +279,6 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
 
 def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     d = config.data
-    if not d.dir:
-        raise ValueError("config.data.dir is empty; set it (or MD2PR_DATA_DIR) to the folder holding <dataset>/")
     root = cache_dir(config, workdir)
     build = builders.build(d.builder, d.dataset, source_dir(config), root, d.bad_records)
     if tokenizer is None:
