@@ -382,6 +382,8 @@ def report_markdown(result: dict) -> str:
         for label, by_seed in by_label.items():
             for s, stages in by_seed.items():
                 lines.append(f"| `{name}` | {label} | {s} | {sum(stages.values()):.0f} |")
+    if lines[-1].startswith("| ---"):
+        lines.append("| (no timings.json in these rows) | | | |")
     lines += ["", f"Per-query files read: {len(q['files'])} (listed in compare.json).", ""]
     return "\n".join(lines)
 
