@@ -256,8 +256,12 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
                                                 **({"paired_vs_de": paired} if paired else {})})
     report.write(layout, {"split": split, "dataset": base.ctx.dataset.name, "rows": shown, "rounds": []}, {},
                  title=f"{config.name} ablation, {int(config.rounds.num_rounds)} student round(s) per row")
-    if paired and base.ctx.main:
-        artifacts.write_text(layout.report, layout.report.read_text() + "\n" + compare.markdown(paired))
+    if "de" in per_row and len(per_row) > 1 and base.ctx.main and layout.local:
+        # Every row against DE over queries (and seed by seed): WORKDIR/compare.json, in REPORT.md.
+        part = lambda row: [compare.Part(base.ctx.dataset.name, str(layout.root), row)]  # noqa: E731
+        result = compare.run_comparison(("de", part("de")), [(row, part(row)) for row in per_row if row != "de"])
+        artifacts.write_json(layout.root / "compare.json", result)
+        artifacts.write_text(layout.report, layout.report.read_text() + "\n" + compare.report_markdown(result))
     return table
 
 

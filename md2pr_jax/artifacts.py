@@ -86,6 +86,15 @@ def _atomic_write(path: PathLike, data: bytes) -> None:
     tmp.replace(path)
 
 
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes bytes atomically (e.g. a gzipped run file)."""
+    _atomic_write(path, data)
+
+
+def read_bytes(path: PathLike) -> bytes:
+    return as_path(path).read_bytes()
+
+
 def write_text(path: PathLike, text: str) -> None:
     _atomic_write(path, text.encode("utf-8"))
 

@@ -1,18 +1,33 @@
-"""Paired comparison of student rows across ablation workdirs, seed by seed.
+"""Paired comparison of student rows across ablation workdirs: over queries, and seed by seed.
 
-    python -m md2pr_jax.compare --baseline de=runs/abl:de --row md2pr=runs/abl:md2pr \
-        --row md2pr_cf=runs/abl_cf:md2pr [--round 1] --out docs/results/compare
+    python -m md2pr_jax.compare --dataset scifact=runs/abl_sf --dataset nfcorpus=runs/abl_nf \
+        --baseline de=de --row de_sent=de_sent --row md2pr=md2pr [--round 1] --out docs/results/X
 
-Each `NAME=WORKDIR:ROW` names the runs WORKDIR/rows/ROW_s<seed>/ of an ablation (any number of
-seeds). Rows are paired with the baseline by seed: rows of the same seed share round 0's
-data split and, where the workdirs share it, the mined lists, so the paired difference removes
-the variance the seeds have in common. For every metric and report split it writes the mean and
-standard deviation of each row, and the mean paired difference from the baseline with its
-standard error (std / sqrt(n), ddof 1): `compare.json` and `COMPARE.md` in --out.
+A row is `NAME=SPEC`, SPEC one of `ROW` (that row in every --dataset workdir), `WORKDIR:ROW` or
+`LABEL@WORKDIR:ROW` (one workdir, its dataset label read from its config unless given); a NAME
+given again adds another dataset's runs to the same row. `ROW` names the runs
+WORKDIR/rows/ROW_s<seed>/ of an ablation (any number of seeds).
+
+Query level (what a claim rests on): each query's metric in each seed's per-query file
+(rounds/rNN/eval/per_query/, `retrieval.per_query`) is averaged over the seeds the row shares
+with the baseline, then `significance.paired_test` gives, per split and metric, for each dataset
+alone and for all datasets' queries pooled: the mean difference over queries with its 95% CI,
+the paired randomization (sign-flip) and t-test p-values, Holm's adjustment across the rows
+compared, and the minimal detectable effect at 80% power. Runs evaluated before per-query files
+were kept have none: the query level says so, and the seed level still stands.
+
+Seed level: rows are paired with the baseline by seed (same data split and, where the workdirs
+share them, mined lists); the mean and standard deviation of each row over seeds, and the mean
+paired difference from the baseline with its standard error (std / sqrt(n), ddof 1). It holds
+the queries, the teacher and the lists fixed: run-to-run noise, not a test of a claim.
+
+Writes `compare.json` (with the command, each row's cost per seed and the per-query files read)
+and `COMPARE.md` in --out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,23 +37,71 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from md2pr_jax import significance
+from md2pr_jax.layout import Layout, round_stage
 from md2pr_jax.report import METRICS
+from md2pr_jax.retrieval import per_query
 
 _SEED_DIR = re.compile(r"^(?P<row>.+)_s(?P<seed>\d+)$")
 
 
-def parse_spec(spec: str) -> tuple[str, str, str]:
-    """'NAME=WORKDIR:ROW' -> (name, workdir, row)."""
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One dataset's runs of a row: WORKDIR/rows/ROW_s<seed>/, labelled by its dataset."""
+
+    dataset: str
+    workdir: str
+    row: str
+
+
+def parse_spec(spec: str, datasets: dict[str, str] | None = None) -> tuple[str, list[Part]]:
+    """'NAME=SPEC' -> (name, its parts). SPEC: 'WORKDIR:ROW', 'LABEL@WORKDIR:ROW', or 'ROW' for
+    that row in each of `datasets` ({label: workdir}, the --dataset flags)."""
     name, sep, rest = spec.partition("=")
+    if not (sep and name and rest):
+        raise ValueError(f"{spec!r}: expected NAME=WORKDIR:ROW, NAME=LABEL@WORKDIR:ROW or NAME=ROW (with --dataset), "
+                         "e.g. de=runs/ablation:de")
     workdir, sep2, row = rest.rpartition(":")
-    if not (sep and sep2 and name and workdir and row):
+    if not sep2:
+        if not datasets:
+            raise ValueError(f"{spec!r}: NAME=ROW needs --dataset LABEL=WORKDIR; or write NAME=WORKDIR:ROW")
+        return name, [Part(label, wd, rest) for label, wd in datasets.items()]
+    if not (workdir and row):
         raise ValueError(f"{spec!r}: expected NAME=WORKDIR:ROW, e.g. de=runs/ablation:de")
-    return name, workdir, row
+    label, at, path = workdir.partition("@")
+    if at and label and "/" not in label:
+        return name, [Part(label, path, row)]
+    return name, [Part(dataset_label(workdir, row), workdir, row)]
 
 
-def row_runs(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict]:
-    """seed -> {split: {metric: value}} of round `rnd` (default: the last finished round) of
-    every WORKDIR/rows/ROW_s<seed>/ that finished it."""
+def dataset_label(workdir: str, row: str) -> str:
+    """The dataset of a row's runs (config.data.dataset of its first seed), else the workdir's name."""
+    rows_dir = os.path.join(workdir, "rows")
+    for name in sorted(os.listdir(rows_dir)) if os.path.isdir(rows_dir) else []:
+        m = _SEED_DIR.match(name)
+        path = os.path.join(rows_dir, name, "config.json")
+        if m and m["row"] == row and os.path.exists(path):
+            label = json.load(open(path)).get("data", {}).get("dataset")
+            if label:
+                return str(label)
+    return os.path.basename(os.path.normpath(workdir))
+
+
+def merge_specs(specs: list[tuple[str, list[Part]]]) -> list[tuple[str, list[Part]]]:
+    """Specs of the same NAME joined, in the order the names first appear; one part per dataset."""
+    merged: dict[str, list[Part]] = {}
+    for name, parts in specs:
+        for part in parts:
+            if any(p.dataset == part.dataset for p in merged.get(name, [])):
+                raise ValueError(f"row {name!r} is given twice for dataset {part.dataset!r}; label them apart "
+                                 "(LABEL@WORKDIR:ROW)")
+            merged.setdefault(name, []).append(part)
+    return list(merged.items())
+
+
+def _finished(workdir: str, row: str, rnd: int | None) -> dict[int, dict]:
+    """seed -> the chosen round's record in WORKDIR/rows/ROW_s<seed>/results.json (round `rnd`,
+    default the last finished one)."""
     rows_dir = os.path.join(workdir, "rows")
     if not os.path.isdir(rows_dir):
         raise FileNotFoundError(f"{workdir} has no rows/ folder: not an ablation workdir")
@@ -51,9 +114,29 @@ def row_runs(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict]:
         rounds = json.load(open(path)).get("rounds", [])
         chosen = [r for r in rounds if rnd is None or r["round"] == rnd]
         if chosen:
-            out[int(m["seed"])] = {s: {k: v[k] for k in METRICS} for s, v in chosen[-1]["metrics"].items()}
+            out[int(m["seed"])] = chosen[-1]
     if not out:
         raise FileNotFoundError(f"no finished {row}_s<seed> rows in {rows_dir}" + (f" at round {rnd}" if rnd else ""))
+    return out
+
+
+def row_runs(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict]:
+    """seed -> {split: {metric: value}} of round `rnd` (default: the last finished round) of
+    every WORKDIR/rows/ROW_s<seed>/ that finished it."""
+    return {seed: {s: {k: v[k] for k in METRICS} for s, v in rec["metrics"].items()}
+            for seed, rec in _finished(workdir, row, rnd).items()}
+
+
+def row_per_query(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict[str, str | None]]:
+    """seed -> {split: the per-query file of that seed's chosen round's student on split, or
+    None where the run kept none (evaluated before per-query files were written)}."""
+    out = {}
+    for seed, rec in _finished(workdir, row, rnd).items():
+        folder = Layout.at(workdir).row(row, seed).per_query_dir(round_stage(int(rec["round"]), "eval"))
+        out[seed] = {}
+        for split in rec["metrics"]:
+            path = per_query.metrics_path(folder, "student", split)
+            out[seed][split] = str(path) if path.exists() else None
     return out
 
 
@@ -127,9 +210,192 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-_BASELINE = flags.DEFINE_string("baseline", None, "NAME=WORKDIR:ROW of the baseline row.")
-_ROW = flags.DEFINE_multi_string("row", [], "NAME=WORKDIR:ROW of a row to compare (repeatable).")
+# ---------------------------------------------------------------------- query level
+POOLED = "pooled"
+CLAIM = ("Claims rest on the query-level paired randomization test: each query's value averaged over the seeds "
+         "the row shares with the baseline, the mean difference over queries with its 95% CI (t), and the two-sided "
+         "sign-flip p, Holm-adjusted across the rows compared (per split, metric and scope); the paired t-test p "
+         "stands beside it. MDE80: the smallest true difference these queries detect with 80% power at p < 0.05 "
+         "(paired t, from the SD of the per-query differences); a difference below it is no evidence of absence. "
+         "The seed statistics hold the queries, the teacher and the mined lists fixed: they show run-to-run noise "
+         "and support no claim alone.")
+
+
+def _load(path: str, cache: dict) -> dict:
+    if path not in cache:
+        cache[path] = per_query.read_metrics(path)
+    return cache[path]
+
+
+def _seed_mean(paths: list[str], metric: str, cache: dict) -> dict[str, float]:
+    """{qid: the metric averaged over the seeds' per-query files} (the queries all of them hold)."""
+    tables = [_load(p, cache)["metrics"][metric] for p in paths]
+    qids = [q for q in tables[0] if all(q in t for t in tables[1:])]
+    return {q: sum(t[q] for t in tables) / len(tables) for q in qids}
+
+
+def query_tests(baseline: tuple[str, dict], rows: list[tuple[str, dict]], splits: list[str],
+                metrics: tuple[str, ...] = METRICS, permutations: int = significance.PERMUTATIONS,
+                seed: int = 0) -> dict:
+    """Paired tests over queries of each row against the baseline.
+
+    `baseline` and each row: (name, {dataset: {seed: {split: per-query file or None}}}).
+    Returns {"tests": {split: {metric: {scope: {row: paired_test + p_*_holm, seeds}}}},
+    "files": the per-query files read, "missing": what could not be tested and why, and the
+    test's settings}; a scope is each dataset alone, and POOLED (every dataset's queries
+    together, each query one unit) when there are several.
+    """
+    base_name, base = baseline
+    cache: dict[str, dict] = {}
+    tests: dict = {}
+    missing: list[str] = []
+    for split in splits:
+        tests[split] = {m: {} for m in metrics}
+        for name, runs in rows:
+            labels = [d for d in runs if d in base]
+            usable: dict[str, list[int]] = {}
+            for label in labels:
+                seeds = sorted(s for s in set(base[label]) & set(runs[label])
+                               if split in base[label][s] and split in runs[label][s])
+                have = [s for s in seeds if base[label][s][split] and runs[label][s][split]]
+                if len(have) < len(seeds):
+                    missing.append(f"{name} vs {base_name} on {label}/{split}: no per-query file for seed(s) "
+                                   f"{sorted(set(seeds) - set(have))} (evaluated before per-query files were kept; "
+                                   "rerun their eval stage to test them)")
+                if have:
+                    usable[label] = have
+            pooled = len(labels) > 1 and len(usable) == len(labels)
+            if len(labels) > 1 and not pooled:
+                missing.append(f"{name} vs {base_name} on {split}: not pooled, "
+                               f"{sorted(set(labels) - set(usable))} lack per-query files")
+            for metric in metrics:
+                both: tuple[list[float], list[float]] = ([], [])
+                for label, seeds in usable.items():
+                    a = _seed_mean([base[label][s][split] for s in seeds], metric, cache)
+                    b = _seed_mean([runs[label][s][split] for s in seeds], metric, cache)
+                    qids = [q for q in a if q in b]
+                    if len(qids) != len(a) or len(qids) != len(b):
+                        missing.append(f"{name} vs {base_name} on {label}/{split}: {len(a)} and {len(b)} queries, "
+                                       f"{len(qids)} in common (tested on those)")
+                    both[0].extend(a[q] for q in qids)
+                    both[1].extend(b[q] for q in qids)
+                    tests[split][metric].setdefault(label, {})[name] = {
+                        **significance.paired_test([a[q] for q in qids], [b[q] for q in qids], permutations, seed),
+                        "seeds": seeds}
+                if pooled:
+                    tests[split][metric].setdefault(POOLED, {})[name] = {
+                        **significance.paired_test(*both, permutations, seed), "seeds": dict(usable)}
+    for by_metric in tests.values():  # Holm across the rows of each split, metric and scope
+        for by_scope in by_metric.values():
+            for by_row in by_scope.values():
+                for key in ("p_randomization", "p_t"):
+                    adjusted = significance.holm([t[key] for t in by_row.values()])
+                    for t, p in zip(by_row.values(), adjusted):
+                        t[f"{key}_holm"] = p
+    return {"tests": tests, "files": sorted(cache), "missing": list(dict.fromkeys(missing)),
+            "permutations": permutations, "seed": seed, "alpha": significance.ALPHA, "power": significance.POWER}
+
+
+def check_means(files: dict[int, dict[str, str | None]], runs: dict[int, dict]) -> None:
+    """Each per-query file's mean equals the mean results.json reports for that seed and split:
+    a stale or misplaced file is an error, never a silent mismatch."""
+    for seed, by_split in files.items():
+        for split, path in by_split.items():
+            if not path:
+                continue
+            saved = per_query.read_metrics(path)["mean"]
+            for metric in METRICS:
+                if not math.isclose(saved[metric], runs[seed][split][metric], rel_tol=0, abs_tol=1e-9):
+                    raise ValueError(f"{path}: mean {metric} {saved[metric]} but results.json says "
+                                     f"{runs[seed][split][metric]} for seed {seed}; the per-query file is stale "
+                                     "(rerun that eval stage)")
+
+
+def run_comparison(baseline: tuple[str, list[Part]], rows: list[tuple[str, list[Part]]], rnd: int | None = None,
+                   permutations: int = significance.PERMUTATIONS, seed: int = 0) -> dict:
+    """The whole comparison (compare.json less its command): query-level tests, seed statistics
+    per dataset, the specs, the per-query files found and each row's cost per seed."""
+    specs = [baseline, *rows]
+    runs = {name: {p.dataset: row_runs(p.workdir, p.row, rnd) for p in parts} for name, parts in specs}
+    files = {name: {p.dataset: row_per_query(p.workdir, p.row, rnd) for p in parts} for name, parts in specs}
+    for name, _ in specs:
+        for label, by_seed in files[name].items():
+            check_means(by_seed, runs[name][label])
+    labels = list(dict.fromkeys(p.dataset for _, parts in specs for p in parts))
+    splits = sorted({s for by_label in runs.values() for by_seed in by_label.values() for v in by_seed.values()
+                     for s in v})
+    base_name = baseline[0]
+    queries = query_tests((base_name, files[base_name]), [(n, files[n]) for n, _ in rows], splits,
+                          permutations=permutations, seed=seed)
+    seeds = {label: compare((base_name, runs[base_name][label]),
+                            [(n, runs[n][label]) for n, _ in rows if label in runs[n]])
+             for label in labels if label in runs[base_name]}
+    return {"baseline": base_name, "datasets": labels, "claim": CLAIM, "query_level": queries, "seed_level": seeds,
+            "specs": {name: [dataclasses.asdict(p) for p in parts] for name, parts in specs},
+            "per_query_files": files,
+            "cost_s": {name: {p.dataset: row_costs(p.workdir, p.row) for p in parts} for name, parts in specs}}
+
+
+def _p(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}"
+
+
+def report_markdown(result: dict) -> str:
+    """COMPARE.md: which statistic a claim rests on, the query-level tests, what could not be
+    tested, the seed statistics per dataset, and each row's cost."""
+    base, q = result["baseline"], result["query_level"]
+    lines = [f"# Paired comparison against `{base}`", "", f"Datasets: {', '.join(result['datasets'])}.", "",
+             result["claim"], ""]
+    tested = False
+    for split, by_metric in q["tests"].items():
+        for metric, by_scope in by_metric.items():
+            if not by_scope:
+                continue
+            tested = True
+            lines += [f"## Query level: {split}, {metric}", "",
+                      "| scope | row | queries | seeds | Δ mean [95% CI] | p (rand.) | p Holm | p (t) | p (t) Holm | "
+                      "MDE80 | wins/losses |", "| --- |" + " --- |" * 10]
+            for scope, by_row in by_scope.items():
+                for name, t in by_row.items():
+                    n_seeds = len(t["seeds"]) if isinstance(t["seeds"], list) else min(map(len, t["seeds"].values()))
+                    mark = " *" if t["p_randomization_holm"] < q["alpha"] else ""
+                    lines.append(
+                        f"| {scope} | `{name}` | {t['n']} | {n_seeds} | {t['mean']:+.4f} [{t['ci95'][0]:+.4f}, "
+                        f"{t['ci95'][1]:+.4f}]{mark} | {_p(t['p_randomization'])} | {_p(t['p_randomization_holm'])} | "
+                        f"{_p(t['p_t'])} | {_p(t['p_t_holm'])} | {t['mde80']:.4f} | {t['wins']}/{t['losses']} |")
+            lines.append("")
+    if tested:
+        lines += [f"Δ: row − `{base}` over queries, each query averaged over the seeds; * where the Holm-adjusted "
+                  f"randomization p < {q['alpha']} ({q['permutations']} sign flips, seed {q['seed']}).", ""]
+    else:
+        lines += ["## Query level: not available", "",
+                  "No run compared here kept per-query files (they were evaluated before per-query results were "
+                  "written), so no query-level test was run; only the seed statistics below remain, and they support "
+                  "no claim alone. Rerun the rows' eval stages (remove rounds/rNN/eval/DONE) to test them.", ""]
+    if q["missing"]:
+        lines += ["Not tested:", ""] + [f"- {m}" for m in q["missing"]] + [""]
+    for label, seed_result in result["seed_level"].items():
+        lines += [f"## Seed statistics: {label}", ""] + markdown(seed_result).replace("\n## ", "\n### ").split("\n")[2:]
+    lines += ["## Cost (seconds of each row's own stages)", "", "| row | dataset | seed | seconds |",
+              "| --- | --- | --- | --- |"]
+    for name, by_label in result["cost_s"].items():
+        for label, by_seed in by_label.items():
+            for s, stages in by_seed.items():
+                lines.append(f"| `{name}` | {label} | {s} | {sum(stages.values()):.0f} |")
+    if lines[-1].startswith("| ---"):
+        lines.append("| (no timings.json in these rows) | | | |")
+    lines += ["", f"Per-query files read: {len(q['files'])} (listed in compare.json).", ""]
+    return "\n".join(lines)
+
+
+_BASELINE = flags.DEFINE_string("baseline", None, "NAME=SPEC of the baseline row: SPEC is WORKDIR:ROW, "
+                                "LABEL@WORKDIR:ROW, or ROW (in every --dataset workdir).")
+_ROW = flags.DEFINE_multi_string("row", [], "NAME=SPEC of a row to compare (repeatable; a NAME again adds a dataset).")
+_DATASET = flags.DEFINE_multi_string("dataset", [], "LABEL=WORKDIR: an ablation workdir and its dataset's label "
+                                     "(repeatable), for NAME=ROW specs.")
 _ROUND = flags.DEFINE_integer("round", None, "The round to compare (default: each run's last).")
+_PERMUTATIONS = flags.DEFINE_integer("permutations", significance.PERMUTATIONS, "Sign flips of the randomization test.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the randomization test's sign flips.")
 _OUT = flags.DEFINE_string("out", None, "Folder for compare.json and COMPARE.md.")
 
 
@@ -137,16 +403,19 @@ def main(argv) -> None:
     del argv
     if not _BASELINE.value or not _ROW.value:
         sys.exit("--baseline and at least one --row are required")
+    bad = [d for d in _DATASET.value if "=" not in d]
+    if bad:
+        sys.exit(f"--dataset expects LABEL=WORKDIR, got {bad}")
+    datasets = dict(d.split("=", 1) for d in _DATASET.value)
     try:
-        specs = [parse_spec(s) for s in [_BASELINE.value, *_ROW.value]]
-        runs = [(name, row_runs(workdir, row, _ROUND.value)) for name, workdir, row in specs]
+        baseline, *rows = merge_specs([parse_spec(s, datasets) for s in [_BASELINE.value, *_ROW.value]])
+        if not rows:
+            raise ValueError(f"every --row is named {baseline[0]!r} like the baseline; name the rows apart")
+        result = run_comparison(baseline, rows, _ROUND.value, _PERMUTATIONS.value, _SEED.value)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(str(e))
-    result = compare(runs[0], runs[1:])
-    result["command"] = " ".join(["python -m md2pr_jax.compare", *sys.argv[1:]])
-    # What each row's own stages cost, seed by seed.
-    result["cost_s"] = {name: row_costs(workdir, row) for name, workdir, row in specs}
-    text = markdown(result)
+    result = {"command": " ".join(["python -m md2pr_jax.compare", *sys.argv[1:]]), **result}
+    text = report_markdown(result)
     if _OUT.value:
         os.makedirs(_OUT.value, exist_ok=True)
         with open(os.path.join(_OUT.value, "compare.json"), "w") as f:

@@ -10,6 +10,8 @@
     WORKDIR/rounds/rNN/{mine,score,filter,train,eval}/   round NN's stages
     WORKDIR/rounds/rNN/student/            the student after round NN (orbax)
     WORKDIR/eval/<split>.json              --mode evaluate
+    <stage>/per_query/<system>.<split>.{run.gz,json}   every evaluation's TREC run and per-query
+                                           metrics (baselines, rerank, rounds/rNN/eval, eval)
     WORKDIR/hf/{student,student_query,teacher}/          --mode export_hf
     WORKDIR/REPORT.md, results.json, *.png the report
     WORKDIR/shared/, rows/<row>_s<seed>/   an ablation: each a workdir of this same layout
@@ -144,6 +146,11 @@ class Layout:
 
     def eval_json(self, split: str) -> epath.Path:
         return self.root / "eval" / f"{split}.json"
+
+    def per_query_dir(self, stage: str) -> epath.Path:
+        """The run files and per-query metrics of the evaluations of `stage` ('baselines',
+        'rerank', 'rounds/r01/eval', 'eval' for --mode evaluate): `retrieval.per_query`."""
+        return self.stage(stage) / "per_query"
 
     def hf(self, which: str) -> epath.Path:
         return self.root / "hf" / which

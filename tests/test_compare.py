@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -62,19 +63,147 @@ def test_losses_beyond_two_standard_errors_are_marked(tmp_path):
 def test_bad_specs_and_missing_rows(tmp_path):
     with pytest.raises(ValueError, match="NAME=WORKDIR:ROW"):
         compare.parse_spec("runs/abl:de")
-    assert compare.parse_spec("de=runs/a:b:de") == ("de", "runs/a:b", "de")
+    with pytest.raises(ValueError, match="needs --dataset"):
+        compare.parse_spec("de=de")
+    assert compare.parse_spec("de=runs/a:b:de") == ("de", [compare.Part("a:b", "runs/a:b", "de")])
+    assert compare.parse_spec("de=nf@runs/a:de") == ("de", [compare.Part("nf", "runs/a", "de")])
+    assert compare.parse_spec("x=md2pr", {"sf": "w1", "nf": "w2"}) == (
+        "x", [compare.Part("sf", "w1", "md2pr"), compare.Part("nf", "w2", "md2pr")])
+    with pytest.raises(ValueError, match="twice for dataset 'sf'"):
+        compare.merge_specs([("x", [compare.Part("sf", "a", "r")]), ("x", [compare.Part("sf", "b", "r")])])
     with pytest.raises(FileNotFoundError, match="not an ablation workdir"):
         compare.row_runs(str(tmp_path), "de")
     _row(tmp_path, "de", 0, 0.7, 0.7)
     out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
                           "--row", f"x={tmp_path}:md2pr"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "no finished md2pr_s<seed> rows" in out.stderr
+
+
+def test_old_results_without_per_query_files_fall_back_to_seed_statistics(tmp_path):
+    """Runs evaluated before per-query files were kept: compare says the query level is not
+    available and keeps the seed statistics, the command and the costs."""
+    for seed, (x, y) in enumerate([(0.70, 0.72), (0.68, 0.71)]):
+        _row(tmp_path, "de", seed, x, 0.6)
+        _row(tmp_path, "x", seed, y, 0.6)
     (tmp_path / "rows" / "de_s0" / "timings.json").write_text(json.dumps({"rounds/r01/train": 61.25}))
-    _row(tmp_path, "x", 0, 0.72, 0.7)
     out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
                           "--row", f"x={tmp_path}:x", "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["command"].startswith("python -m md2pr_jax.compare --baseline")
-    assert saved["cost_s"] == {"de": {"0": {"rounds/r01/train": 61.2}}, "x": {}}
+    label = tmp_path.name  # no config.json: the workdir's name labels its dataset
+    assert saved["cost_s"] == {"de": {label: {"0": {"rounds/r01/train": 61.2}}}, "x": {label: {}}}
+    assert saved["query_level"]["tests"]["test"]["ndcg@10"] == {}
+    assert saved["per_query_files"]["x"][label]["0"] == {"test": None, "dev": None}
+    assert any("no per-query file for seed(s) [0, 1]" in m for m in saved["query_level"]["missing"])
+    delta = saved["seed_level"][label]["rows"]["x"]["test"]["delta"]["ndcg@10"]
+    assert delta["mean"] == pytest.approx(0.025) and delta["n"] == 2
+    text = (tmp_path / "cmp" / "COMPARE.md").read_text()
+    assert "Query level: not available" in text and "## Seed statistics" in text and "+0.0250 ± 0.0050" in text
+
+
+# --- query level -------------------------------------------------------------------------------
+
+
+def _pq_row(workdir, dataset, row, seed, values: dict[str, dict[str, list[float]]]):
+    """A finished row whose round 1 kept per-query files: values {split: {metric: [per query]}}
+    (queries q0, q1, ...); its results.json holds their means, as the eval stage writes them."""
+    from md2pr_jax.layout import Layout, round_stage
+    from md2pr_jax.retrieval import metrics, per_query
+
+    lay = Layout.at(workdir).row(row, seed)
+    folder = lay.per_query_dir(round_stage(1, "eval"))
+    folder.mkdir(parents=True, exist_ok=True)
+    means = {}
+    for split, by_metric in values.items():
+        table = {m: {f"q{i}": float(v) for i, v in enumerate(vals)} for m, vals in by_metric.items()}
+        means[split] = metrics.mean_of(table)
+        per_query.metrics_path(folder, "student", split).write_text(json.dumps(
+            {"system": "student", "split": split, "queries": len(next(iter(table.values()))), "mean": means[split],
+             "metrics": table}))
+    lay.results.write_text(json.dumps({"rounds": [{"round": 1, "metrics": means}]}))
+    lay.config_json.write_text(json.dumps({"data": {"dataset": dataset}}))
+
+
+def _values(base, shift, rng, noise=0.15):
+    return {m: np.clip(base + shift + rng.normal(0, noise, len(base)), 0, 1) for m in compare.METRICS}
+
+
+def _two_datasets(tmp_path, n=(300, 323), seeds=(0, 1, 2)):
+    """SciFact- and NFCorpus-sized query sets: `good` gains 0.04 on every query, `null` nothing."""
+    rng = np.random.default_rng(0)
+    work = {}
+    for label, nq in zip(("scifact", "nfcorpus"), n):
+        work[label] = tmp_path / label
+        base = rng.choice([0.0, 0.5, 1.0], size=nq, p=[0.2, 0.3, 0.5])
+        for seed in seeds:
+            for row, shift in (("de", 0.0), ("good", 0.04), ("null", 0.0)):
+                _pq_row(work[label], label, row, seed, {"test": _values(base, shift, rng)})
+    return work
+
+
+def test_query_level_detects_a_planted_difference_pooled_and_per_dataset(tmp_path):
+    from md2pr_jax import significance
+
+    work = _two_datasets(tmp_path)
+    datasets = {k: str(v) for k, v in work.items()}
+    specs = compare.merge_specs([compare.parse_spec(s, datasets) for s in ("de=de", "good=good", "null=null")])
+    result = compare.run_comparison(specs[0], specs[1:], permutations=5000)
+    tests = result["query_level"]["tests"]["test"]["ndcg@10"]
+    assert set(tests) == {"scifact", "nfcorpus", "pooled"}
+    assert tests["scifact"]["good"]["n"] == 300 and tests["nfcorpus"]["good"]["n"] == 323
+    pooled = tests["pooled"]
+    assert pooled["good"]["n"] == 623 and pooled["good"]["seeds"] == {"scifact": [0, 1, 2], "nfcorpus": [0, 1, 2]}
+    assert pooled["good"]["p_randomization_holm"] < 0.01 and pooled["good"]["ci95"][0] > 0
+    assert pooled["null"]["p_randomization_holm"] > 0.05 and pooled["null"]["ci95"][0] < 0 < pooled["null"]["ci95"][1]
+    assert pooled["null"]["mde80"] < 0.04  # the experiment could have seen the planted gain
+    # Each query averaged over the seeds first, then differenced: the pooled mean by hand.
+    files = result["per_query_files"]
+    def avg(row, label):  # noqa: E306
+        tables = [json.loads(open(files[row][label][s]["test"]).read())["metrics"]["ndcg@10"] for s in (0, 1, 2)]
+        return np.array([np.mean([t[q] for t in tables]) for q in tables[0]])
+    diffs = np.concatenate([avg("good", k) - avg("de", k) for k in ("scifact", "nfcorpus")])
+    assert pooled["good"]["mean"] == pytest.approx(diffs.mean()) and pooled["good"]["sd"] == pytest.approx(
+        diffs.std(ddof=1))
+    # Holm across the two rows of each scope, from their raw p-values.
+    for scope in tests.values():
+        raw = [scope[r]["p_randomization"] for r in ("good", "null")]
+        assert [scope[r]["p_randomization_holm"] for r in ("good", "null")] == pytest.approx(significance.holm(raw))
+    assert len(result["query_level"]["files"]) == 2 * 3 * 3 and not result["query_level"]["missing"]
+    # The seed statistics stand beside, per dataset.
+    assert result["seed_level"]["nfcorpus"]["rows"]["good"]["test"]["delta"]["ndcg@10"]["n"] == 3
+    text = compare.report_markdown(result)
+    assert "Claims rest on the query-level paired randomization test" in text
+    assert "| pooled | `good` | 623 | 3 |" in text and "## Seed statistics: nfcorpus" in text
+
+
+def test_cli_pools_labelled_workdirs_and_refuses_stale_files(tmp_path):
+    work = _two_datasets(tmp_path, n=(40, 50), seeds=(0, 1))
+    out_dir = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "md2pr_jax.compare", "--dataset", f"scifact={work['scifact']}",
+           "--dataset", f"nfcorpus={work['nfcorpus']}", "--baseline", "de=de", "--row", "good=good",
+           "--row", "null=null", "--permutations", "2000", "--out", str(out_dir)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((out_dir / "compare.json").read_text())
+    assert saved["datasets"] == ["scifact", "nfcorpus"] and "--dataset scifact=" in saved["command"]
+    assert saved["query_level"]["permutations"] == 2000
+    assert saved["query_level"]["tests"]["test"]["mrr@10"]["pooled"]["good"]["n"] == 90
+    assert all(p.endswith("student.test.json") for p in saved["query_level"]["files"])
+    # One dataset's baseline evaluated before per-query files: tested alone where possible, not pooled.
+    old = work["nfcorpus"] / "rows" / "de_s1" / "rounds" / "r01" / "eval" / "per_query" / "student.test.json"
+    old.unlink()
+    res = compare.run_comparison(*(lambda s: (s[0], s[1:]))(compare.merge_specs(
+        [compare.parse_spec(s, {k: str(v) for k, v in work.items()}) for s in ("de=de", "good=good")])),
+        permutations=200)
+    tests = res["query_level"]["tests"]["test"]["ndcg@10"]
+    assert tests["nfcorpus"]["good"]["seeds"] == [0] and "pooled" in tests
+    assert any("nfcorpus/test: no per-query file for seed(s) [1]" in m for m in res["query_level"]["missing"])
+    # A per-query file whose mean is not the reported mean is stale: an error naming it.
+    stale = work["scifact"] / "rows" / "good_s0" / "rounds" / "r01" / "eval" / "per_query" / "student.test.json"
+    d = json.loads(stale.read_text())
+    d["mean"]["ndcg@10"] += 0.01
+    stale.write_text(json.dumps(d))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "good_s0" in out.stderr and "stale" in out.stderr

@@ -100,6 +100,21 @@ def test_ablation_writes_every_row(tmp_path):
     assert delta["n"] == 2 and delta["mean"] == pytest.approx(
         sum(m["ndcg@10"] - d["ndcg@10"] for m, d in zip(md_s, de_s)) / 2)
     assert "dev" in table["paired_vs_de"]["rows"]["md2pr"] and "Paired comparison" in (work / "REPORT.md").read_text()
+    # Every evaluation kept its run file and per-query metrics, whose means are the reported means;
+    # the ablation's compare.json tests every row against DE over queries from them.
+    for stage, system in (("baselines", "bm25"), ("baselines", "zero_shot"), ("rerank", "teacher_rerank")):
+        assert (work / "shared" / stage / "per_query" / f"{system}.test.run.gz").stat().st_size > 0
+        saved = json.loads((work / "shared" / stage / "per_query" / f"{system}.test.json").read_text())
+        assert saved["mean"]["ndcg@10"] == table[system]["ndcg@10"]
+    pq = work / "rows" / "md2pr_s1" / "rounds" / "r01" / "eval" / "per_query"
+    saved = json.loads((pq / "student.test.json").read_text())
+    assert saved["mean"]["ndcg@10"] == md_s[1]["ndcg@10"]
+    assert sum(saved["metrics"]["ndcg@10"].values()) / saved["queries"] == pytest.approx(md_s[1]["ndcg@10"], abs=1e-12)
+    assert (pq / "student.dev.run.gz").exists()
+    cmp = json.loads((work / "compare.json").read_text())
+    test = cmp["query_level"]["tests"]["test"]["ndcg@10"][cmp["datasets"][0]]["md2pr"]
+    assert test["seeds"] == [0, 1] and test["n"] == saved["queries"] and 0 < test["p_randomization"] <= 1
+    assert not cmp["query_level"]["missing"] and "Query level: test, ndcg@10" in (work / "REPORT.md").read_text()
     # Rows share round 0 and round 1's mining: one teacher, linked into every row.
     assert os.path.islink(work / "rows" / "md2pr_s1" / "teacher")
     assert "| MD2PR (+ dynamic filter) (`md2pr`)" in (work / "REPORT.md").read_text()

@@ -77,6 +77,37 @@ def test_dense_run_matches_bruteforce_and_metrics():
         ev.evaluate_student(cfg, params, ds, "train", progress=False)
 
 
+def test_evaluation_keeps_its_run_file_and_per_query_metrics(tmp_path):
+    """An evaluation with a folder writes the TREC run (top eval_depth, as evaluated) and the
+    per-query metrics, whose means are the means it returns."""
+    import flax.linen as nn
+    import jax
+
+    from md2pr_jax.layout import Layout, round_stage
+    from md2pr_jax.models import student_from_config
+    from md2pr_jax.retrieval import per_query
+
+    cfg = tiny_config()
+    ds = synthetic_dataset(np.random.default_rng(3))
+    student = student_from_config(cfg)
+    x = np.ones((1, 8), np.int32)
+    params = nn.unbox(student.init(jax.random.PRNGKey(1), x, x, x, x)["params"])
+    folder = Layout.at(tmp_path).per_query_dir(round_stage(1, "eval"))
+    means = ev.evaluate_student(cfg, params, ds, "test", progress=False, folder=folder)
+    saved = per_query.read_metrics(per_query.metrics_path(folder, "student", "test"))
+    assert set(saved["metrics"]) == set(means) and saved["queries"] == 6
+    for name, by_q in saved["metrics"].items():
+        assert sorted(by_q) == sorted(ds.qrels["test"])
+        assert float(np.mean(list(by_q.values()))) == pytest.approx(means[name], abs=1e-12)
+        assert saved["mean"][name] == means[name]
+    run = per_query.read_run(per_query.run_path(folder, "student", "test"))
+    assert run == ev.dense_run(cfg, params, ds, "test", progress=False)
+    assert all(len(r) == cfg.retrieval.eval_depth for r in run.values())
+    assert str(folder).endswith("rounds/r01/eval/per_query")
+    bm = ev.score_run(ev.bm25_run(ds, "test", 20, progress=False), ds, "test", folder, "bm25")
+    assert per_query.read_metrics(per_query.metrics_path(folder, "bm25", "test"))["mean"] == bm
+
+
 # --- real data ---------------------------------------------------------------------------------
 
 

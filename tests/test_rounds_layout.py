@@ -17,12 +17,13 @@ def test_paths_of_a_local_and_a_bucket_workdir(tmp_path, monkeypatch):
     assert not gcs.local
     paths = [gcs.config_json, gcs.timings, gcs.params("teacher"), gcs.student(2), gcs.ckpt(round_stage(1, "train")),
              gcs.candidates(1), gcs.attention(1), gcs.examples(2), gcs.history(1), gcs.corpus_emb(0), gcs.corpus_emb(3),
-             gcs.eval_json("test"), gcs.hf("student"), gcs.report, gcs.plot("losses"), gcs.row("md2pr", 1).result_file(
+             gcs.eval_json("test"), gcs.per_query_dir(round_stage(1, "eval")), gcs.hf("student"), gcs.report, gcs.plot("losses"), gcs.row("md2pr", 1).result_file(
                  round_stage(1, "eval")), gcs.shared.done_file("teacher"), gcs.ablation_json]
     assert all(str(p).startswith("gs://bucket/run/") for p in paths), paths
     assert str(gcs.student(2)) == "gs://bucket/run/rounds/r02/student"
     assert str(gcs.corpus_emb(0)) == "gs://bucket/run/baselines/corpus_emb"
     assert str(gcs.corpus_emb(3)) == "gs://bucket/run/rounds/r03/eval/corpus_emb"
+    assert str(gcs.per_query_dir("baselines")) == "gs://bucket/run/baselines/per_query"
     assert str(gcs.row("de", 0).root) == "gs://bucket/run/rows/de_s0"
     assert not os.path.exists(tmp_path / "gs:")
 

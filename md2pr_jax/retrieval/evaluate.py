@@ -3,8 +3,9 @@
     python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir W --mode evaluate
 
 prints a table and writes W/eval/<split>.json: {system: {ndcg@10, mrr@10, recall@5, recall@20,
-recall@100, recall@1000, map}, 'meta': {...}}. `evaluate_student` and `dense_run` are what the
-round controller calls after each round.
+recall@100, recall@1000, map}, 'meta': {...}}, and beside it each system's TREC run and per-query
+metrics (W/eval/per_query/, `per_query`). `evaluate_student` and `dense_run` are what the round
+controller calls after each round.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from md2pr_jax.retrieval import metrics
+from md2pr_jax.retrieval import per_query
 from md2pr_jax.retrieval.bm25 import BM25Retriever, to_run
 from md2pr_jax.retrieval.encode import CallableTokens, encode, process_slice, student_apply_fn
 from md2pr_jax.retrieval.index import build_index
@@ -90,10 +91,19 @@ def split_qrels(dataset, split: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def evaluate_student(config, params, dataset, split: str, corpus=None, progress: bool = True) -> dict[str, float]:
-    """nDCG@10, MRR@10, Recall@{5,20,100,1000}, MAP of the student on `split` (every process gets them)."""
+def score_run(run, dataset, split: str, folder=None, system: str = "student") -> dict[str, float]:
+    """The means of EVAL_KS of `run` on `split` (every process gets them); with `folder`, process
+    0 also writes the run file and per-query metrics of `system` there (`per_query.write`)."""
+    save = folder is not None and jax.process_index() == 0
+    return per_query.write(folder, system, split, run, split_qrels(dataset, split), EVAL_KS, save=save)
+
+
+def evaluate_student(config, params, dataset, split: str, corpus=None, progress: bool = True,
+                     folder=None, system: str = "student") -> dict[str, float]:
+    """nDCG@10, MRR@10, Recall@{5,20,100,1000}, MAP of the student on `split` (every process gets
+    them); with `folder`, its run file and per-query metrics are kept there as `system`."""
     run = dense_run(config, params, dataset, split, corpus=corpus, progress=progress)
-    return metrics.evaluate(run, split_qrels(dataset, split), EVAL_KS)
+    return score_run(run, dataset, split, folder, system)
 
 
 def format_table(rows: dict[str, dict[str, float]], keys=TABLE_KEYS) -> str:
@@ -118,15 +128,17 @@ def evaluate_mode(config, workdir: str) -> dict:
     from md2pr_jax.layout import Layout, prepare_dataset
 
     split = config.data.eval_split
-    dataset = prepare_dataset(config, Layout.at(workdir))
+    layout = Layout.at(workdir)
+    dataset = prepare_dataset(config, layout)
     qrels = split_qrels(dataset, split)
+    folder = layout.per_query_dir("eval")
     params, source = load_student_params(config, workdir)
     logging.info("evaluating the student from %s on %s/%s", source, dataset.name, split)
     t = time.perf_counter()
-    student = metrics.evaluate(dense_run(config, params, dataset, split), qrels, EVAL_KS)
+    student = score_run(dense_run(config, params, dataset, split), dataset, split, folder, "student")
     t_dense = time.perf_counter() - t
     t = time.perf_counter()
-    bm25 = metrics.evaluate(bm25_run(dataset, split, config.retrieval.eval_depth), qrels, EVAL_KS)
+    bm25 = score_run(bm25_run(dataset, split, config.retrieval.eval_depth), dataset, split, folder, "bm25")
     t_bm25 = time.perf_counter() - t
     result = {
         "student": student,
@@ -136,10 +148,11 @@ def evaluate_mode(config, workdir: str) -> dict:
             "student_params": source, "max_passage_len": dataset.max_passage_len,
             "max_query_len": dataset.max_query_len, "depth": config.retrieval.eval_depth,
             "seconds": {"student": round(t_dense, 1), "bm25": round(t_bm25, 1)},
+            "per_query": str(folder),
         },
     }
     if jax.process_index() == 0:
-        path = Layout.at(workdir).eval_json(split)
+        path = layout.eval_json(split)
         artifacts.write_json(path, result)
         print(f"{dataset.name} {split}: {len(qrels)} queries, {dataset.num_docs} docs (student: {source})")
         print(format_table({"student": student, "bm25": bm25}))

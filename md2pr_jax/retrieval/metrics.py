@@ -71,7 +71,13 @@ def evaluate(run: Run, qrels: Qrels, ks: Mapping[str, Iterable[int]] | None = No
         raise ValueError("evaluate(): qrels is empty; pass the judgements of the split being evaluated")
     table = per_query(run, qrels, ks)
     names = next(iter(table.values())).keys()
-    return {name: sum(m[name] for m in table.values()) / len(table) for name in names}
+    return mean_of({name: {qid: m[name] for qid, m in table.items()} for name in names})
+
+
+def mean_of(values: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{metric: {qid: value}} -> {metric: mean over the queries}: the one place means are taken,
+    so that a reported mean and the mean of its per-query file are the same float."""
+    return {name: sum(v.values()) / len(v) for name, v in values.items()}
 
 
 def parse_ks(names: Iterable[str]) -> dict[str, tuple[int, ...]]:

@@ -142,10 +142,14 @@ def teacher_params(ctx: Context, fold: int | None = None):
     return artifacts.load_params(path, init) if path.is_dir() else init
 
 
-def evaluate(ctx: Context, params, corpus) -> dict:
+def evaluate(ctx: Context, params, corpus, stage: str, system: str = "student") -> dict:
+    """The student's means on every report split; its run files and per-query metrics go to
+    `stage`'s per_query/ folder as `system`."""
     from md2pr_jax.retrieval.evaluate import evaluate_student
 
-    return {s: evaluate_student(ctx.config, params, ctx.dataset, s, corpus=corpus) for s in ctx.report_splits}
+    folder = ctx.layout.per_query_dir(stage)
+    return {s: evaluate_student(ctx.config, params, ctx.dataset, s, corpus=corpus, folder=folder, system=system)
+            for s in ctx.report_splits}
 
 
 def corpus_embeddings(ctx: Context, params, r: int):
@@ -181,16 +185,15 @@ def dense_candidates(ctx: Context, params, corpus, q_rows: np.ndarray, depth: in
 def baselines(ctx: Context) -> dict:
     """BM25 and the zero-shot student on the report splits, and the teacher's training negatives
     (BM25 and zero-shot dense top-N, labelled positives removed)."""
-    from md2pr_jax.retrieval import metrics
     from md2pr_jax.retrieval.bm25 import BM25Retriever
-    from md2pr_jax.retrieval.evaluate import EVAL_KS, bm25_run, split_qrels
+    from md2pr_jax.retrieval.evaluate import bm25_run, score_run
 
     cfg, ds = ctx.config, ctx.dataset
     bm25 = BM25Retriever.build(ds.doc_texts)
     out: dict[str, Any] = {"bm25": {}, "zero_shot": {}}
+    folder = ctx.layout.per_query_dir("baselines")
     for split in ctx.report_splits:
-        run = bm25_run(ds, split, cfg.retrieval.eval_depth, bm25)
-        out["bm25"][split] = metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+        out["bm25"][split] = score_run(bm25_run(ds, split, cfg.retrieval.eval_depth, bm25), ds, split, folder, "bm25")
     q_rows = np.array(sorted(ctx.train_positives), np.int64)
     pool = int(cfg.teacher_train.negative_pool)
     all_pos = ds.positives(cfg.data.train_split)
@@ -201,7 +204,7 @@ def baselines(ctx: Context) -> dict:
         bm25_neg[i, : len(row)] = row
     params = student_params(ctx, 0)
     corpus = corpus_embeddings(ctx, params, 0)
-    out["zero_shot"] = evaluate(ctx, params, corpus)
+    out["zero_shot"] = evaluate(ctx, params, corpus, "baselines", "zero_shot")
     dense_neg = dense_candidates(ctx, params, corpus, q_rows, pool, [set(all_pos.get(int(q), ())) for q in q_rows])
     if ctx.main:
         artifacts.save_arrays(ctx.layout.train_negatives, q_rows=q_rows, bm25=bm25_neg, dense=dense_neg)
@@ -351,25 +354,27 @@ def rerank(ctx: Context) -> dict:
         lexical = bm25.pair_scores(ds.query_texts, q, d)
         if ctx.main:
             artifacts.save_arrays(lay.rerank_scores(split), q=q, d=d, ce=ce, bm25=lexical)
-        out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce)
+        out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce, "teacher_rerank")
         out["hybrid_sweep"][split] = {str(w): _rerank_metrics(ctx, split, q, d, ce + w * lexical)["ndcg@10"]
                                       for w in HYBRID_SWEEP}
         if weight > 0:
-            out["hybrid_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce + weight * lexical)
+            out["hybrid_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce + weight * lexical, "hybrid_rerank")
         logging.info("rerank %s (BM25 top %d): teacher %s; nDCG@10 by bm25_weight %s", split, depth,
                      out["teacher_rerank"][split], out["hybrid_sweep"][split])
     return out
 
 
-def _rerank_metrics(ctx: Context, split: str, q: np.ndarray, d: np.ndarray, scores: np.ndarray) -> dict:
-    from md2pr_jax.retrieval import metrics
-    from md2pr_jax.retrieval.evaluate import EVAL_KS, split_qrels
+def _rerank_metrics(ctx: Context, split: str, q: np.ndarray, d: np.ndarray, scores: np.ndarray,
+                    system: str | None = None) -> dict:
+    """The means of the reranked pairs' run; with `system`, its run file and per-query metrics
+    are kept in rerank/per_query/ (the hybrid sweep's points are not)."""
+    from md2pr_jax.retrieval.evaluate import score_run
 
     ds = ctx.dataset
     run: dict[str, dict[str, float]] = {}
     for qi, di, s in zip(q, d, scores):
         run.setdefault(ds.query_ids[qi], {})[ds.doc_ids[di]] = float(s)
-    return metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
+    return score_run(run, ds, split, ctx.layout.per_query_dir("rerank") if system else None, system or "")
 
 
 def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
@@ -568,7 +573,7 @@ def read_history(layout: Layout, r: int) -> list[dict]:
 
 def evaluate_round(ctx: Context, r: int) -> dict:
     params = student_params(ctx, r)
-    return evaluate(ctx, params, corpus_embeddings(ctx, params, r))
+    return evaluate(ctx, params, corpus_embeddings(ctx, params, r), round_stage(r, "eval"))
 
 
 STAGES = {"baselines": baselines, "teacher": teacher, "rerank": rerank, "mine": mine, "score": score,
