@@ -151,7 +151,12 @@ def base_config() -> ConfigDict:
     c.teacher_train.grad_clip = 1.0
     c.teacher_train.grad_accum = 1  # micro-batches per step, as train.grad_accum
     c.teacher_train.negative_pool = 30  # negatives sampled from BM25 and zero-shot dense top-N
-    c.teacher_train.score_batch_size = 64  # pairs per jitted scoring call
+    # Pairs per scoring step over all chips of all processes (each process scores its
+    # 1/process_count share per jitted call, split over its local chips).
+    c.teacher_train.score_batch_size = 64
+    # Pairs per chunk of a scoring pass, each written as soon as it is scored: a killed pass
+    # resumes from the last chunk written (rounded up to a multiple of the per-process batch).
+    c.teacher_train.score_chunk_size = 65536
     c.teacher_train.checkpoint_every = 20
     c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
     c.teacher_train.rerank_depth = 100  # 0: no rerank rows
