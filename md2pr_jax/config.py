@@ -192,6 +192,7 @@ def base_config() -> ConfigDict:
     c.retrieval = ConfigDict()
     c.retrieval.encode_batch_size = 64
     c.retrieval.eval_depth = 1000
+    c.retrieval.bm25_threads = 0  # BM25 search threads per process; 0 = the cores this process may use
     c.retrieval.brute_force_below = 20000  # corpora smaller than this use exact search
     c.retrieval.scann_leaves = 0  # 0 = about sqrt(N)
     c.retrieval.scann_leaves_to_search = 0  # 0 = max(leaves // 10 + 1, leaves holding 20 x depth points)

@@ -4,6 +4,8 @@
                                                       the logits to OUT.npy; 'chunk c' per chunk, then
                                                       'done {info}' on stdout
     python tests/_score_worker.py devices             the scorer on every local device against one device
+    python tests/_score_worker.py processes FOLDER    one of 2 processes (MD2PR_* distributed variables):
+                                                      chunked scoring and BM25 split across the processes
 
 Set XLA_FLAGS (device count) before starting it: jax reads it on import.
 """
@@ -91,8 +93,33 @@ def devices() -> None:
     }), flush=True)
 
 
+def processes(folder: str) -> None:
+    """Chunks split across the processes (each scores its own), every process gets all the
+    logits, equal to scoring them all here; BM25's split search equals the whole search."""
+    from md2pr_jax.main import maybe_initialize_distributed
+
+    maybe_initialize_distributed(None)
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+    from md2pr_jax.teacher import TeacherScorer, score_in_chunks
+
+    config, teacher, params = setup()
+    rng = np.random.default_rng(3)
+    q, d = rng.integers(0, 500, 600), rng.integers(0, 3000, 600)
+    scorer = TeacherScorer(config, teacher, Tokens(), [params])
+    logits, info = score_in_chunks(scorer, q, d, folder, 64)
+    alone = scorer.score(q, d, progress=False)
+    docs = [f"doc {i} about {'cats' if i % 3 else 'dogs'} number {i % 17} and word{i % 29}" for i in range(400)]
+    queries = [f"cats number {i % 17} word{i % 29}" for i in range(53)]
+    bm25 = BM25Retriever.build(docs, progress=False, n_threads=2)
+    split, whole = bm25.search_processes(queries, 7, progress=False), bm25.search(queries, 7, progress=False)
+    print(json.dumps({
+        "process": jax.process_index(), "processes": jax.process_count(), "info": info,
+        "logits_diff": float(np.abs(logits - alone).max()),
+        "bm25_idx_equal": bool((split[0] == whole[0]).all()), "bm25_idx_dtype": str(split[0].dtype),
+        "bm25_scores_equal": bool((split[1] == whole[1]).all()), "bm25_shape": list(split[0].shape),
+    }), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "chunks":
-        chunks(sys.argv[2], sys.argv[3])
-    else:
-        devices()
+    {"chunks": lambda: chunks(sys.argv[2], sys.argv[3]), "devices": devices,
+     "processes": lambda: processes(sys.argv[2])}[sys.argv[1]]()

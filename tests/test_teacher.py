@@ -70,9 +70,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCORE_WORKER = os.path.join(HERE, "_score_worker.py")
 
 
-def _worker_env(devices: int = 1) -> dict:
+def _worker_env(devices: int = 1, **extra) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]), **extra)
 
 
 def test_pair_scorer_keeps_params_on_every_local_device_and_splits_batches():
@@ -122,3 +122,33 @@ def test_sigkill_during_scoring_resumes_from_the_last_chunk(tmp_path):
     assert info["resumed"] == len(written) and info["scored_pairs"] == 64 * (200 - len(written))
     assert sum(line.startswith("chunk ") for line in lines) == 200 - len(written)  # only the rest was scored
     np.testing.assert_array_equal(np.load(tmp_path / "killed.npy"), np.load(tmp_path / "full.npy"))
+
+
+def test_two_processes_split_the_chunks_and_the_bm25_queries(tmp_path):
+    """2 processes x 2 devices (gloo): the 10 chunks of 600 pairs alternate between the processes
+    (5 each: 320 and 280 pairs), each gets all the logits, equal to scoring them all alone; BM25's
+    queries split across the two and gathered equal the whole search."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, SCORE_WORKER, "processes", str(tmp_path / "chunks")],
+                              env=_worker_env(2, MD2PR_COORDINATOR=coordinator, MD2PR_NUM_PROCESSES="2",
+                                              MD2PR_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda g: g["process"])
+    assert [g["processes"] for g in got] == [2, 2]
+    assert [g["info"]["scored_pairs"] for g in got] == [320, 280] and got[0]["info"]["chunks"] == 10
+    for g in got:
+        assert g["logits_diff"] <= 1e-5
+        assert g["bm25_idx_equal"] and g["bm25_scores_equal"] and g["bm25_shape"] == [53, 7]
+        assert g["bm25_idx_dtype"] == "int64"

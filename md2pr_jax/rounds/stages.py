@@ -170,16 +170,34 @@ def dense_candidates(ctx: Context, params, corpus, q_rows: np.ndarray, depth: in
     return idx
 
 
+_BM25: dict[str, Any] = {}  # index folder -> the index loaded in this process
+
+
+def bm25_index(ctx: Context):
+    """The BM25 index of the corpus, built once per host into a local folder beside the
+    prepared dataset (<data cache>/bm25/<prepared name>/) and reused by every stage that needs
+    it (baselines, rerank, the hybrid soft labels), searching on retrieval.bm25_threads."""
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+
+    ds, threads = ctx.dataset, int(ctx.config.retrieval.bm25_threads)
+    path = getattr(ds, "path", None)
+    if not path:
+        return BM25Retriever.build(ds.doc_texts, progress=ctx.main, n_threads=threads)
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "bm25", os.path.basename(os.path.normpath(path)))
+    if folder not in _BM25:
+        _BM25[folder] = BM25Retriever.cached(ds.doc_texts, folder, progress=ctx.main, n_threads=threads)
+    return _BM25[folder]
+
+
 # ---------------------------------------------------------------------- round 0
 def baselines(ctx: Context) -> dict:
     """BM25 and the zero-shot student on the report splits, and the teacher's training negatives
     (BM25 and zero-shot dense top-N, labelled positives removed)."""
     from md2pr_jax.retrieval import metrics
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
     from md2pr_jax.retrieval.evaluate import EVAL_KS, bm25_run, split_qrels
 
     cfg, ds = ctx.config, ctx.dataset
-    bm25 = BM25Retriever.build(ds.doc_texts)
+    bm25 = bm25_index(ctx)
     out: dict[str, Any] = {"bm25": {}, "zero_shot": {}}
     for split in ctx.report_splits:
         run = bm25_run(ds, split, cfg.retrieval.eval_depth, bm25)
@@ -187,7 +205,7 @@ def baselines(ctx: Context) -> dict:
     q_rows = np.array(sorted(ctx.train_positives), np.int64)
     pool = int(cfg.teacher_train.negative_pool)
     all_pos = ds.positives(cfg.data.train_split)
-    idx, _ = bm25.search([ds.query_texts[q] for q in q_rows], pool + 8)
+    idx, _ = bm25.search_processes([ds.query_texts[q] for q in q_rows], pool + 8, progress=ctx.main)
     bm25_neg = np.full((len(q_rows), pool), -1, np.int64)
     for i, q in enumerate(q_rows):
         row = [d for d in idx[i] if d >= 0 and d not in all_pos.get(int(q), ())][:pool]
@@ -309,8 +327,6 @@ def rerank(ctx: Context) -> dict:
     """The teacher reranking BM25's top `rerank_depth` on the report splits; with the pairs'
     logits and normalised BM25 scores kept (rerank/<split>.npz), the hybrid teacher's rows for
     every weight of HYBRID_SWEEP come free."""
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
-
     from md2pr_jax.teacher import clear_chunks
 
     cfg, ds, lay = ctx.config, ctx.dataset, ctx.layout
@@ -318,14 +334,14 @@ def rerank(ctx: Context) -> dict:
     if depth <= 0:
         return {"depth": 0}
     scorer = teacher_scorer(ctx)
-    bm25 = BM25Retriever.build(ds.doc_texts, progress=False)
+    bm25 = bm25_index(ctx)
     weight = float(cfg.teacher.bm25_weight)
     out: dict[str, dict] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
     if weight > 0:
         out["hybrid_rerank"] = {}
     for split in ctx.report_splits:
         rows = ds.query_indices(split)
-        idx, _ = bm25.search([ds.query_texts[r] for r in rows], depth, progress=False)
+        idx, _ = bm25.search_processes([ds.query_texts[r] for r in rows], depth, progress=False)
         qq, dd = np.nonzero(idx >= 0)
         q, d = rows[qq], idx[qq, dd]
         ce, _ = score_pairs(ctx, scorer, q, d, lay.rerank_chunks(split), f"rerank {split}")
@@ -360,10 +376,7 @@ def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d
     weight = float(ctx.config.teacher.bm25_weight)
     if weight <= 0:
         return logits
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
-
-    bm25 = BM25Retriever.build(ctx.dataset.doc_texts, progress=False)
-    return logits + weight * bm25.pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
+    return logits + weight * bm25_index(ctx).pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
 
 
 # ---------------------------------------------------------------------- rounds 1..R
