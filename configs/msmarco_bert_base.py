@@ -13,7 +13,7 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
     (8.8M passages) and mining, roughly 1-2 hours for 2 rounds.
 Teacher scoring per round (the filter's pass, rounds.mine_depth below): 502,939 training queries
     x 50 mined candidates + 532,761 labelled positives = 25,679,711 pairs; XLA's cost analysis of
-    the scoring function (teacher_forward, BERT-large shape, 32 + 128 tokens, bf16) gives
+    the scoring function (benchmarks/score_flops.py: teacher_forward, 32 + 128 tokens, bf16) gives
     9.94e10 FLOPs per pair, so 2.55e18 FLOPs per round: ~34 min on v5e:4x4 at 40% of the
     197 TFLOP/s peak (the former depth 200 was 101M pairs, ~2.2 h per round).
 Result: not measured. For reference, RocketQA-style BERT-base dual encoders reach MRR@10 about

@@ -12,7 +12,7 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
     21M-passage corpus and mining; roughly 2-3 hours for 2 rounds.
 Teacher scoring per round (rounds.mine_depth below): 58,880 training questions x 50 mined
     candidates = 2,944,000 pairs plus the labelled positives (about 3.0M); XLA's cost analysis of
-    the scoring function (BERT-large shape, 32 + 192 tokens, bf16) gives 1.41e11 FLOPs per pair,
+    the scoring function (benchmarks/score_flops.py; 32 + 192 tokens, bf16) gives 1.41e11 FLOPs per pair,
     so ~4.2e17 FLOPs per round: ~4 min on v4:2x2x4 at 40% of the 275 TFLOP/s peak.
 Result: not measured. For reference, DPR (BERT-base) reaches top-20 retrieval accuracy 78.4 on
     the NQ test set and RocketQA 82.7; MD2PR reports gains over such baselines.
