@@ -11,6 +11,11 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
     v5e peak (197 bf16 TFLOP/s per chip): about 0.3 s per step, i.e. ~1,000 steps (one pass
     over 502k training queries at 512 per step) in a few minutes per round plus corpus encoding
     (8.8M passages) and mining, roughly 1-2 hours for 2 rounds.
+Teacher scoring per round (the filter's pass, rounds.mine_depth below): 502,939 training queries
+    x 50 mined candidates + 532,761 labelled positives = 25,679,711 pairs; XLA's cost analysis of
+    the scoring function (benchmarks/score_flops.py: teacher_forward, 32 + 128 tokens, bf16) gives
+    9.94e10 FLOPs per pair, so 2.55e18 FLOPs per round: ~34 min on v5e:4x4 at 40% of the
+    197 TFLOP/s peak (the former depth 200 was 101M pairs, ~2.2 h per round).
 Result: not measured. For reference, RocketQA-style BERT-base dual encoders reach MRR@10 about
     0.37-0.39 on MS MARCO dev; MD2PR reports gains over such baselines.
 
@@ -60,5 +65,13 @@ def get_config():
     c.teacher_train.epochs = 1
     c.teacher_train.warmup_steps = 1000
     c.retrieval.eval_depth = 1000
+    # Candidates per training query that the teacher scores each round. The literature this
+    # project follows scores tens, not hundreds: RocketQA (Qu et al., NAACL 2021) denoises hard
+    # negatives drawn from its retriever's top-ranked passages, RocketQAv2 (Ren et al., EMNLP
+    # 2021) distils over lists of one positive and tens of such negatives, AR2 (Zhang et al.,
+    # ICLR 2022) trains its ranker on 15 negatives from the retriever's top 100. 50 leaves a pool
+    # of 7x the 7 negatives a list takes after the filter. Cost: 502,939 x 50 + 532,761
+    # positives = 25.7M pairs per round (9.94e10 FLOPs each: ~34 min on v5e:4x4 at 40%).
+    c.rounds.mine_depth = 50
     c.aot.topology = "v5e:4x4"
     return c

@@ -10,6 +10,10 @@ Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below 
     v4 peak (275 bf16 TFLOP/s per chip): well under a second per step; ~115 steps per pass over
     the 58.9k training questions at 512 per step, so a round is dominated by encoding the
     21M-passage corpus and mining; roughly 2-3 hours for 2 rounds.
+Teacher scoring per round (rounds.mine_depth below): 58,880 training questions x 50 mined
+    candidates = 2,944,000 pairs plus the labelled positives (about 3.0M); XLA's cost analysis of
+    the scoring function (benchmarks/score_flops.py; 32 + 192 tokens, bf16) gives 1.41e11 FLOPs per pair,
+    so ~4.2e17 FLOPs per round: ~4 min on v4:2x2x4 at 40% of the 275 TFLOP/s peak.
 Result: not measured. For reference, DPR (BERT-base) reaches top-20 retrieval accuracy 78.4 on
     the NQ test set and RocketQA 82.7; MD2PR reports gains over such baselines.
 
@@ -52,5 +56,10 @@ def get_config():
     c.teacher_train.epochs = 2
     c.teacher_train.warmup_steps = 200
     c.retrieval.eval_depth = 100
+    # Candidates per training question the teacher scores each round: tens, as in RocketQA /
+    # RocketQAv2 (denoising and listwise distillation over tens of retrieved passages) and AR2
+    # (15 negatives from the retriever's top 100; see configs/msmarco_bert_base.py). Cost:
+    # 58,880 x 50 = 2.94M candidate pairs per round plus the positives (1.41e11 FLOPs each).
+    c.rounds.mine_depth = 50
     c.aot.topology = "v4:2x2x4"
     return c

@@ -164,6 +164,10 @@ class Layout:
         """The rerank stage's pairs on `split`: q, d (rows), ce (teacher logits), bm25 (normalised)."""
         return self.stage("rerank") / f"{split}.npz"
 
+    def rerank_chunks(self, split: str) -> epath.Path:
+        """The rerank pass's scoring chunks on `split` while it runs (`teacher.score_in_chunks`)."""
+        return self.stage("rerank") / "chunks" / split
+
     def corpus_emb(self, r: int) -> epath.Path:
         """Prefix of the cached corpus embeddings of the student after round r (0: zero-shot)."""
         return (self.stage("baselines") if r == 0 else self.stage(round_stage(r, "eval"))) / "corpus_emb"
@@ -173,6 +177,10 @@ class Layout:
 
     def scores(self, r: int) -> epath.Path:
         return self.stage(round_stage(r, "score")) / "scores.npz"
+
+    def score_chunks(self, r: int) -> epath.Path:
+        """Round r's teacher pass in chunks while it runs, removed once scores.npz is written."""
+        return self.stage(round_stage(r, "score")) / "chunks"
 
     def attention(self, r: int) -> epath.Path:
         return self.stage(round_stage(r, "score")) / "attn.npy"

@@ -1,6 +1,9 @@
 """The teacher's own work: fine-tuning the cross-encoder (round 0; its jitted step and batches,
-run by `train.train_loop` like the student's), and scoring (query, passage) pairs in batches
-(`PairScorer`: reranking and each round's scoring pass, the one scoring path).
+run by `train.train_loop` like the student's), and scoring (query, passage) pairs: `PairScorer`
+(one teacher's params resident on this process's chips, batches split over them),
+`TeacherScorer` (one teacher or cross-fitted fold teachers) and `score_in_chunks` (the pairs
+split across all processes, written in resumable chunks): reranking and each round's scoring
+pass, the one scoring path.
 
 Fine-tuning loss per list [p+, n_1..n_m]: listwise cross-entropy over the list plus a
 pointwise binary cross-entropy (p+ = 1, negatives = 0) weighted by
@@ -10,16 +13,22 @@ probability, which the false-negative filter thresholds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
+from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from md2pr_jax import sharding as shd
+from md2pr_jax.config import ConfigError
 from md2pr_jax.models import with_dropout
 from md2pr_jax.seeds import derive_seed
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
@@ -128,25 +137,55 @@ class TeacherBatches:
         return {"step": self.step}
 
 
+def scoring_mesh(config, devices=None) -> Mesh:
+    """The mesh a process scores pairs on: its own local devices (`devices` to choose others),
+    shaped by config.mesh (the one -1 axis fills them). Where config.mesh fixes a whole pod's
+    axes (e.g. fsdp=16) that one host cannot hold, the host's devices go data-parallel instead.
+    No device of another process is in it: scoring needs no cross-host collective per batch."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    try:
+        return shd.make_mesh(config, devices)
+    except ConfigError:
+        local = config.copy_and_resolve_references()
+        local.mesh.data, local.mesh.fsdp, local.mesh.tensor = -1, 1, 1
+        return shd.make_mesh(local, devices)
+
+
+def process_batch_size(config) -> int:
+    """Pairs per jitted scoring call on this process: teacher_train.score_batch_size is the
+    pod's batch (all chips of all processes), each process scoring its 1/process_count share."""
+    return max(1, int(config.teacher_train.score_batch_size) // jax.process_count())
+
+
 class PairScorer:
-    """Scores (query row, doc row) pairs with the frozen teacher, in fixed-size jitted batches.
+    """Scores (query row, doc row) pairs with the frozen teacher on this process's devices
+    (`scoring_mesh`), in fixed-size jitted batches split over those devices. The params are
+    placed on the mesh once, at construction; every call hands only the batch.
 
     With `attention_layers`, also returns the head-averaged query->passage attention of those
     layers per pair ([N, P, Lq, Lp] bfloat16), written into `attn_out` (e.g. an np.memmap).
     """
 
-    def __init__(self, config, teacher: nn.Module, params: Any, dataset, mesh, batch_size: int = 64,
-                 attention_layers: tuple[int, ...] = ()):
+    def __init__(self, config, teacher: nn.Module, params: Any, dataset, mesh: Mesh | None = None,
+                 batch_size: int = 64, attention_layers: tuple[int, ...] = ()):
+        from md2pr_jax.train.state import place_teacher_params, teacher_param_shardings
+
+        mesh = scoring_mesh(config) if mesh is None else mesh
+        if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+            raise ValueError("PairScorer scores on this process's own devices; pass teacher.scoring_mesh(config), "
+                             "not a mesh spanning other processes")
         self.dataset, self.mesh, self.layers = dataset, mesh, tuple(attention_layers)
         shards = shd.batch_shards(mesh)
-        self.batch_size = max(shards, (batch_size // shards) * shards)
-        self.params = params
+        self.batch_size = max(shards, -(-batch_size // shards) * shards)
+        self.params = place_teacher_params(config, mesh, params, teacher=teacher)
+        self._rows = shd.batch_sharding(mesh)
 
         def fn(p, batch):
             with shd.activation_context(mesh):
                 return teacher_forward(teacher, p, batch, self.layers, 1, mesh)
 
-        self._fn = jax.jit(fn)
+        p_shardings = teacher_param_shardings(config, mesh, teacher)
+        self._fn = jax.jit(fn, in_shardings=(p_shardings, self._rows), out_shardings=self._rows)
 
     def _batches(self, q_rows: np.ndarray, d_rows: np.ndarray) -> Iterator[tuple[int, dict]]:
         n = len(q_rows)
@@ -159,26 +198,23 @@ class PairScorer:
             q_ids, q_mask = self.dataset.query_tokens(q)
             p_ids, p_mask = self.dataset.doc_tokens(d)
             batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids[:, None], "p_mask": p_mask[:, None]}
-            yield start, shd.to_global(batch, self.mesh) if jax.process_count() == 1 else batch
+            yield start, jax.device_put(batch, self._rows)
 
-    def score(self, q_rows, d_rows, attn_out=None, desc: str = "teacher scoring") -> np.ndarray:
+    def score(self, q_rows, d_rows, attn_out=None, desc: str = "teacher scoring", progress: bool = True) -> np.ndarray:
         """q_rows, d_rows: int [N] -> logits float32 [N] (and attention into attn_out [N, P, Lq, Lp])."""
         q_rows, d_rows = np.asarray(q_rows), np.asarray(d_rows)
         n = len(q_rows)
         out = np.zeros(n, np.float32)
+
         def store(start, scores, attn):
             m = min(self.batch_size, n - start)
-            out[start : start + m] = _to_host(scores)[:m, 0]
-            if attn is not None:
-                # Fetched on every process even where attn_out is None (the scoring stage keeps the
-                # maps on process 0 only): with several processes the fetch is a collective.
-                attn_host = _to_host(attn)
-                if attn_out is not None:
-                    attn_out[start : start + m] = attn_host[:m, :, 0]
+            out[start : start + m] = np.asarray(scores)[:m, 0]
+            if attn is not None and attn_out is not None:
+                attn_out[start : start + m] = np.asarray(attn)[:m, :, 0]
 
         pending = None  # batch b+1 is dispatched before batch b is pulled to the host
         for start, batch in tqdm(self._batches(q_rows, d_rows), total=-(-n // self.batch_size), desc=desc,
-                                 unit="batch", dynamic_ncols=True):
+                                 unit="batch", dynamic_ncols=True, disable=not progress):
             result = (start, *self._fn(self.params, batch))
             if pending is not None:
                 store(*pending)
@@ -188,12 +224,116 @@ class PairScorer:
         return out
 
 
-def _to_host(x) -> np.ndarray:
-    """The whole value of `x` as numpy on every process. With several processes the scorer's
-    outputs are global arrays spanning other hosts' devices: gathered (every process calls this
-    for the same batches, so the collective matches)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+class TeacherScorer:
+    """Scores (query, doc) pairs with the round-0 teacher (`params`: one tree) or with
+    cross-fitted fold teachers (`params`: one tree per fold, `fold_of`: training query row ->
+    fold): a training query's pairs with the teacher of its fold (which never saw it) and any
+    other query's with the mean logit of all fold teachers (attention, for the cached word
+    level: the first fold's). Each teacher's params sit on this process's mesh for the
+    scorer's lifetime; `batch_size` defaults to this process's share of
+    teacher_train.score_batch_size."""
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    def __init__(self, config, teacher: nn.Module, dataset, params: list, fold_of: dict[int, int] | None = None,
+                 attention_layers: tuple[int, ...] = (), mesh: Mesh | None = None, batch_size: int | None = None):
+        mesh = scoring_mesh(config) if mesh is None else mesh
+        batch_size = process_batch_size(config) if batch_size is None else batch_size
+        self.fold_of = dict(fold_of or {})
+        self.scorers = [PairScorer(config, teacher, p, dataset, mesh, batch_size, attention_layers) for p in params]
+        self.batch_size = self.scorers[0].batch_size
+
+    def score(self, pairs_q: np.ndarray, pairs_d: np.ndarray, attn_out=None, desc: str = "teacher scoring",
+              progress: bool = True) -> np.ndarray:
+        """pairs_q, pairs_d: int [N] -> logits float32 [N] (attention into attn_out, as PairScorer)."""
+        pairs_q, pairs_d = np.asarray(pairs_q), np.asarray(pairs_d)
+        if len(self.scorers) == 1:
+            return self.scorers[0].score(pairs_q, pairs_d, attn_out=attn_out, desc=desc, progress=progress)
+        fold = np.array([self.fold_of.get(int(q), -1) for q in pairs_q], np.int64)
+        logits = np.zeros(len(pairs_q), np.float32)
+        for k, scorer in enumerate(self.scorers):
+            # Queries of fold k by teacher k; queries of no fold by every teacher (their mean).
+            sel = np.flatnonzero((fold == k) | (fold < 0))
+            if len(sel) == 0:
+                continue
+            attn = None if attn_out is None else np.zeros((len(sel), *attn_out.shape[1:]), attn_out.dtype)
+            got = scorer.score(pairs_q[sel], pairs_d[sel], attn_out=attn, desc=f"{desc} (fold {k})", progress=progress)
+            shared = fold[sel] < 0
+            logits[sel] += np.where(shared, got / len(self.scorers), got)
+            if attn is not None:
+                mine = (fold[sel] == k) | (shared & (k == 0))
+                attn_out[sel[mine]] = attn[mine]
+        return logits
+
+
+def chunk_size(config, batch_size: int) -> int:
+    """Pairs per chunk file: teacher_train.score_chunk_size rounded up to a multiple of this
+    process's batch, so that only the last chunk has a padded batch."""
+    return -(-max(int(config.teacher_train.score_chunk_size), 1) // batch_size) * batch_size
+
+
+def score_in_chunks(scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, chunk: int,
+                    attn_tail: tuple[int, ...] | None = None, attn_out=None,
+                    desc: str = "teacher scoring") -> tuple[np.ndarray, dict]:
+    """Scores every pair with `scorer` (`.score(q, d, attn_out=, progress=)`, e.g. TeacherScorer)
+    across all processes, resumably: (logits float32 [N] on every process, info).
+
+    The pairs fall into chunks of `chunk` pairs; chunk c is scored by process c mod
+    process_count and written as soon as it is scored to FOLDER/<key>/c<c>.npz (logits, and the
+    attention maps [n, *attn_tail] as bfloat16 bits when `attn_tail` is given), atomically, local
+    or gs://. <key> fingerprints the pairs and the chunking, so a rerun over other pairs never
+    reads stale chunks. A run killed and started again skips the chunks already written and
+    scores only the rest. After every process has written its chunks, each reads all the logits
+    back (and `attn_out` [N, *attn_tail], when given, the attention maps); the folder is then
+    the caller's to remove (`clear_chunks`) once its own outputs are written.
+    info: {chunks, resumed (chunks found written), scored_pairs (by this process), chunk}."""
+    from md2pr_jax import artifacts
+    from md2pr_jax.rounds.runner import barrier
+
+    pairs_q, pairs_d = np.asarray(pairs_q, np.int64), np.asarray(pairs_d, np.int64)
+    n, chunk = len(pairs_q), int(chunk)
+    digest = hashlib.sha1(pairs_q.tobytes())
+    digest.update(pairs_d.tobytes())
+    digest.update(json.dumps([n, chunk, list(attn_tail or ())]).encode())
+    folder = artifacts.as_path(folder) / f"pairs-{digest.hexdigest()[:12]}"
+    n_chunks = -(-n // chunk)
+    done = {p.name for p in folder.iterdir()} if folder.exists() else set()
+    mine = range(jax.process_index(), n_chunks, jax.process_count())
+    todo = [c for c in mine if _chunk_name(c) not in done]
+    resumed = sum(_chunk_name(c) in done for c in range(n_chunks))
+    if resumed:
+        logging.info("%s: %d of %d chunks already scored, resuming", desc, resumed, n_chunks)
+    scored = 0
+    main = jax.process_index() == 0
+    bar = tqdm(total=sum(min(chunk, n - c * chunk) for c in todo), desc=desc, unit="pair", dynamic_ncols=True,
+               disable=not main)
+    for c in todo:
+        a, b = c * chunk, min(n, (c + 1) * chunk)
+        attn = None if attn_tail is None else np.zeros((b - a, *attn_tail), ml_dtypes.bfloat16)
+        logits = scorer.score(pairs_q[a:b], pairs_d[a:b], attn_out=attn, progress=False)
+        arrays = {"logits": logits} if attn is None else {"logits": logits, "attn": attn.view(np.uint16)}
+        artifacts.save_arrays(folder / _chunk_name(c), **arrays)
+        scored += b - a
+        bar.update(b - a)
+    bar.close()
+    barrier(f"{desc}: chunks written")
+    out = np.zeros(n, np.float32)
+    for c in range(n_chunks):
+        a, b = c * chunk, min(n, (c + 1) * chunk)
+        got = artifacts.load_arrays(folder / _chunk_name(c))
+        out[a:b] = got["logits"]
+        if attn_out is not None:
+            attn_out[a:b] = got["attn"].view(ml_dtypes.bfloat16)
+    barrier(f"{desc}: chunks read")
+    return out, {"chunks": n_chunks, "resumed": resumed, "scored_pairs": scored, "chunk": chunk}
+
+
+def _chunk_name(c: int) -> str:
+    return f"c{c:06d}.npz"
+
+
+def clear_chunks(folder) -> None:
+    """Removes a scoring pass's chunk folder once its outputs are written (process 0)."""
+    from md2pr_jax import artifacts
+
+    folder = artifacts.as_path(folder)
+    if folder.exists():
+        folder.rmtree()

@@ -67,3 +67,43 @@ def test_scifact_bm25_ndcg():
     idx, scores = r.search([queries[q] for q in qids], 100, progress=False)
     m = evaluate(to_run(qids, [x["_id"] for x in docs], idx, scores), qrels, {"ndcg": (10,)})
     assert m["ndcg@10"] == pytest.approx(0.686, abs=0.005)
+
+
+def test_threads_save_load_and_cached_index(tmp_path, monkeypatch):
+    """Threaded search equals one thread; an index saved and loaded (memory-mapped) searches
+    alike; `cached` builds once and then loads from its folder."""
+    from md2pr_jax.retrieval import bm25 as B
+
+    docs = DOCS * 50 + ["cats and dogs in the garden", "qubits and cats"]
+    queries = ["running cats", "qubit", "garden dog", "zebra", "stock"] * 7
+    one = BM25Retriever.build(docs, progress=False, n_threads=1)
+    two = BM25Retriever.build(docs, progress=False, n_threads=2)
+    assert one.n_threads == 1 and two.n_threads == 2 and B.threads(0) >= 1
+    want = one.search(queries, 5, progress=False)
+    for got in (two.search(queries, 5, progress=False),):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+    first = BM25Retriever.cached(docs, str(tmp_path / "idx"), progress=False, n_threads=2)
+    def rebuilt(*_a, **_k):
+        raise RuntimeError("rebuilt the index")
+
+    monkeypatch.setattr(BM25Retriever, "build", classmethod(rebuilt))
+    again = BM25Retriever.cached(docs, str(tmp_path / "idx"), progress=False, n_threads=2)
+    assert again is not first and again.num_docs == len(docs) and again.n_threads == 2
+    for got in (first.search(queries, 5, progress=False), again.search(queries, 5, progress=False)):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    np.testing.assert_allclose(again.pair_scores(queries, [0, 1], [2, 3]), one.pair_scores(queries, [0, 1], [2, 3]))
+    assert [p.name for p in (tmp_path / "idx").iterdir()] == ["k1_1.5-b_0.75-v1"]  # no temporary left
+    with pytest.raises(RuntimeError, match="rebuilt"):  # another corpus under that name is rebuilt
+        BM25Retriever.cached(docs[:10], str(tmp_path / "idx"), progress=False)
+
+
+def test_search_processes_with_one_process_is_search():
+    r = BM25Retriever.build(DOCS, progress=False)
+    queries = ["running cats", "qubit", "zebra"]
+    got, want = r.search_processes(queries, 3, progress=False), r.search(queries, 3, progress=False)
+    assert got[0].dtype == np.int64 and got[1].dtype == np.float32
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -71,3 +71,46 @@ def test_callable_tokens_and_save_load(tmp_path):
     np.testing.assert_array_equal(back, emb)
     with pytest.raises(ValueError, match="ids for"):
         E.save_embeddings(path, emb, ["x"])
+
+
+_FOUR_DEVICES = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_retrieval_encode import random_tokens, tiny_student
+from md2pr_jax.retrieval import encode as E
+
+student, params = tiny_student()
+ids, mask = random_tokens(np.random.default_rng(2), n=21, width=40)
+fn = E.student_apply_fn(student, params, "passage")
+one = E.student_apply_fn(student, params, "passage", devices=jax.local_devices()[:1])
+out = fn(ids[:8], mask[:8])
+shards = sorted((s.device.id, s.data.shape[0]) for s in out.addressable_shards)
+sharded = E.encode(fn, E.ArrayTokens(ids, mask), batch_size=6, progress=False)
+single = E.encode(one, E.ArrayTokens(ids, mask), batch_size=6, progress=False)
+odd = np.asarray(fn(ids[:5], mask[:5]))  # 5 rows on 4 devices: padded, then cut
+print(json.dumps({"devices": len(jax.local_devices()), "num_devices": fn.num_devices, "shards": shards,
+                  "param_devices": len(jax.tree.leaves(fn.params)[0].sharding.device_set),
+                  "max_diff": float(np.abs(sharded - single).max()),
+                  "odd_diff": float(np.abs(odd - single[:5]).max()), "odd_shape": list(odd.shape)}))
+"""
+
+
+def test_encoding_splits_each_batch_over_every_local_device():
+    """On 4 forced host devices every batch is split 4 ways (2 rows each of 8) with the params
+    on all 4, and the embeddings equal those of one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, here], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 4 and got["num_devices"] == 4 and got["param_devices"] == 4
+    assert got["shards"] == [[0, 2], [1, 2], [2, 2], [3, 2]]
+    assert got["max_diff"] <= 1e-5 and got["odd_diff"] <= 1e-5 and got["odd_shape"] == [5, 32]

@@ -2,8 +2,10 @@
 
 Texts are sorted by length and each batch is padded only to the smallest *bucket* length
 that holds it (multiples of `bucket_step` up to the maximum), so a corpus compiles a handful
-of shapes and wastes little compute on padding. With several JAX processes each encodes a
-contiguous slice of the corpus (`process_slice`), and mining/search merge across processes.
+of shapes and wastes little compute on padding. Each batch is split over the process's local
+devices (`ShardedApply`: every local chip works, not device 0 alone). With several JAX
+processes each encodes a contiguous slice of the corpus (`process_slice`), and mining/search
+merge across processes.
 
 Token sources follow a small protocol so plain arrays work in tests:
   `fetch(indices [n]) -> (ids [n, L] int, mask [n, L] int)` and `lengths [N]` (tokens per row).
@@ -70,8 +72,37 @@ class CallableTokens:
 _JITTED: dict[tuple[str, str], Callable] = {}
 
 
-def student_apply_fn(student, params, tower: str = "passage") -> ApplyFn:
-    """A jitted (ids, mask) -> embedding [B, D] float32 for a DualEncoder and its params.
+class ShardedApply:
+    """(ids [B, L], mask [B, L]) -> emb [B, D] float32, each batch split over this process's
+    local devices (a 1-D mesh over `jax.local_devices()`), the params replicated on them once.
+
+    A host numpy batch handed to a plain jitted function lands on local device 0 alone; here it
+    is placed row-sharded, so every local chip encodes B / num_devices rows. B is padded up to
+    a multiple of the device count when it is not one (`encode` picks batch sizes that are)."""
+
+    def __init__(self, run: Callable, params, devices=None):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = list(jax.local_devices() if devices is None else devices)
+        self.num_devices = len(devices)
+        mesh = Mesh(np.asarray(devices, dtype=object), ("batch",))
+        self.rows = NamedSharding(mesh, PartitionSpec("batch"))
+        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        self.run = run
+
+    def __call__(self, ids, mask) -> jax.Array:
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        n = ids.shape[0]
+        pad = -n % self.num_devices
+        if pad:
+            ids, mask = (np.concatenate([x, np.repeat(x[:1], pad, 0)]) for x in (ids, mask))
+        emb = self.run(self.params, jax.device_put(ids, self.rows), jax.device_put(mask, self.rows))
+        return emb[:n] if pad else emb
+
+
+def student_apply_fn(student, params, tower: str = "passage", devices=None) -> ShardedApply:
+    """A jitted (ids, mask) -> embedding [B, D] float32 for a DualEncoder and its params, each
+    batch split over this process's local devices (`ShardedApply`; `devices` to choose others).
 
     Params are an argument of the jitted function (not baked-in constants), and the jitted
     function is shared by every call with an equal module, so one compile per bucket shape
@@ -89,8 +120,7 @@ def student_apply_fn(student, params, tower: str = "passage") -> ApplyFn:
             return emb.astype(jnp.float32)
 
         _JITTED[key] = run
-    run = _JITTED[key]
-    return lambda ids, mask: run(params, ids, mask)
+    return ShardedApply(_JITTED[key], params, devices)
 
 
 def bucket_lengths(max_len: int, step: int = 32) -> list[int]:
@@ -121,7 +151,8 @@ def encode(
     """Embeds `tokens[indices]` (all rows by default) -> float32 [n, D], in the order of `indices`.
 
     Args:
-      apply_fn: (ids [B, L], mask [B, L]) -> emb [B, D]; see `student_apply_fn`.
+      apply_fn: (ids [B, L], mask [B, L]) -> emb [B, D]; see `student_apply_fn`. Where it has
+        `num_devices` (a `ShardedApply`), batch_size is rounded up to a multiple of it.
       tokens: a TokenSource (`ArrayTokens(ids, mask)` for plain arrays).
       indices: rows to encode; None = every row. Use `process_slice` for this process's share.
       batch_size: rows per call; the last batch is padded to it so shapes repeat.
@@ -134,6 +165,8 @@ def encode(
         return np.zeros((0, 0), np.float32)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    shards = int(getattr(apply_fn, "num_devices", 1))
+    batch_size = -(-batch_size // shards) * shards  # every device gets the same number of rows
     if max_len is None:
         max_len = int(np.asarray(tokens(indices[:1])[0]).shape[1])
     buckets = np.asarray(bucket_lengths(max_len, bucket_step))
@@ -153,7 +186,7 @@ def encode(
             fill = batch_size - rows
             ids = np.concatenate([ids, np.repeat(ids[:1], fill, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
-        emb = apply_fn(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+        emb = apply_fn(ids.astype(np.int32), mask.astype(np.int32))
         if pending is not None:
             out = _store(out, pending, len(indices))
             bar.update(len(pending[0]))

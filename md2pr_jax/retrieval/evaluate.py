@@ -74,10 +74,11 @@ def dense_run(
 
 
 def bm25_run(dataset, split: str, depth: int = 1000, retriever: BM25Retriever | None = None, progress: bool = True):
-    """BM25's run {qid: {docid: score}} on the queries of `split` (texts as prepared)."""
+    """BM25's run {qid: {docid: score}} on the queries of `split` (texts as prepared), the
+    queries split across processes (`BM25Retriever.search_processes`)."""
     retriever = retriever or BM25Retriever.build(dataset.doc_texts, progress=progress)
     rows = dataset.query_indices(split)
-    idx, scores = retriever.search([dataset.query_texts[r] for r in rows], depth, progress=progress)
+    idx, scores = retriever.search_processes([dataset.query_texts[r] for r in rows], depth, progress=progress)
     return to_run([dataset.query_ids[r] for r in rows], dataset.doc_ids, idx, scores)
 
 

@@ -117,9 +117,10 @@ def mine(
     return i, s
 
 
-def gather_rows(local: np.ndarray, total: int) -> np.ndarray:
-    """Concatenates each process's contiguous slice [n_p, D] (see `encode.process_slice`) into [total, D]."""
-    local = np.asarray(local, np.float32)
+def gather_rows(local: np.ndarray, total: int, dtype=np.float32) -> np.ndarray:
+    """Concatenates each process's contiguous slice [n_p, D] (see `encode.process_slice`) into
+    [total, D] of `dtype` (float32 embeddings by default; int64 for indices)."""
+    local = np.asarray(local, dtype)
     if jax.process_count() == 1:
         if len(local) != total:
             raise ValueError(f"gather_rows: one process holds {len(local)} rows, expected {total}")
@@ -129,8 +130,9 @@ def gather_rows(local: np.ndarray, total: int) -> np.ndarray:
     slices = [process_slice(total, p) for p in range(jax.process_count())]
     per = max(b - a for a, b in slices)
     dim = int(allgather(np.array([local.shape[1] if local.ndim == 2 else 0])).max())
-    padded = np.zeros((per, dim), np.float32)
+    padded = np.zeros((per, dim), dtype)
     if len(local):
         padded[: len(local)] = local
     rows = allgather(padded)  # [P, per, D]
-    return np.concatenate([rows[p, : b - a] for p, (a, b) in enumerate(slices)])
+    # astype: the gather goes through devices, where int64 is int32 unless jax_enable_x64 is set
+    return np.concatenate([rows[p, : b - a] for p, (a, b) in enumerate(slices)]).astype(dtype)

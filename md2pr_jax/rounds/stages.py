@@ -181,15 +181,33 @@ def dense_candidates(ctx: Context, params, corpus, q_rows: np.ndarray, depth: in
     return idx
 
 
+_BM25: dict[str, Any] = {}  # index folder -> the index loaded in this process
+
+
+def bm25_index(ctx: Context):
+    """The BM25 index of the corpus, built once per host into a local folder beside the
+    prepared dataset (<data cache>/bm25/<prepared name>/) and reused by every stage that needs
+    it (baselines, rerank, the hybrid soft labels), searching on retrieval.bm25_threads."""
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+
+    ds, threads = ctx.dataset, int(ctx.config.retrieval.bm25_threads)
+    path = getattr(ds, "path", None)
+    if not path:
+        return BM25Retriever.build(ds.doc_texts, progress=ctx.main, n_threads=threads)
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "bm25", os.path.basename(os.path.normpath(path)))
+    if folder not in _BM25:
+        _BM25[folder] = BM25Retriever.cached(ds.doc_texts, folder, progress=ctx.main, n_threads=threads)
+    return _BM25[folder]
+
+
 # ---------------------------------------------------------------------- round 0
 def baselines(ctx: Context) -> dict:
     """BM25 and the zero-shot student on the report splits, and the teacher's training negatives
     (BM25 and zero-shot dense top-N, labelled positives removed)."""
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
     from md2pr_jax.retrieval.evaluate import bm25_run, score_run
 
     cfg, ds = ctx.config, ctx.dataset
-    bm25 = BM25Retriever.build(ds.doc_texts)
+    bm25 = bm25_index(ctx)
     out: dict[str, Any] = {"bm25": {}, "zero_shot": {}}
     folder = ctx.layout.per_query_dir("baselines")
     for split in ctx.report_splits:
@@ -197,7 +215,7 @@ def baselines(ctx: Context) -> dict:
     q_rows = np.array(sorted(ctx.train_positives), np.int64)
     pool = int(cfg.teacher_train.negative_pool)
     all_pos = ds.positives(cfg.data.train_split)
-    idx, _ = bm25.search([ds.query_texts[q] for q in q_rows], pool + 8)
+    idx, _ = bm25.search_processes([ds.query_texts[q] for q in q_rows], pool + 8, progress=ctx.main)
     bm25_neg = np.full((len(q_rows), pool), -1, np.int64)
     for i, q in enumerate(q_rows):
         row = [d for d in idx[i] if d >= 0 and d not in all_pos.get(int(q), ())][:pool]
@@ -290,40 +308,26 @@ def _train_teacher(ctx: Context, fold: int | None) -> dict:
     return result
 
 
-class TeacherScorer:
-    """Scores (query, doc) pairs with the round-0 teacher; with cross-fitted folds, a training
-    query's pairs with the teacher of its fold (which never saw it) and any other query's with
-    the mean logit of all fold teachers (attention, for the cached word level: the first fold's)."""
+def teacher_scorer(ctx: Context, attention_layers=()):
+    """`teacher.TeacherScorer` over the round-0 teacher, or its cross-fitted fold teachers."""
+    from md2pr_jax.teacher import TeacherScorer
 
-    def __init__(self, ctx: Context, attention_layers=()):
-        from md2pr_jax.teacher import PairScorer
+    folds = int(ctx.config.teacher_train.folds)
+    if folds <= 1:
+        return TeacherScorer(ctx.config, ctx.teacher, ctx.dataset, [teacher_params(ctx)],
+                             attention_layers=attention_layers)
+    return TeacherScorer(ctx.config, ctx.teacher, ctx.dataset, [teacher_params(ctx, k) for k in range(folds)],
+                         teacher_folds(ctx), attention_layers=attention_layers)
 
-        cfg = ctx.config
-        self.folds = int(cfg.teacher_train.folds)
-        self.fold_of = teacher_folds(ctx) if self.folds > 1 else {}
-        batch = int(cfg.teacher_train.score_batch_size)
-        self.scorers = [PairScorer(cfg, ctx.teacher, teacher_params(ctx, k), ctx.dataset, ctx.mesh, batch,
-                                   attention_layers=attention_layers)
-                        for k in ([None] if self.folds <= 1 else range(self.folds))]
 
-    def score(self, pairs_q: np.ndarray, pairs_d: np.ndarray, attn_out=None, desc: str = "teacher scoring"):
-        if len(self.scorers) == 1:
-            return self.scorers[0].score(pairs_q, pairs_d, attn_out=attn_out, desc=desc)
-        fold = np.array([self.fold_of.get(int(q), -1) for q in pairs_q], np.int64)
-        logits = np.zeros(len(pairs_q), np.float32)
-        for k, scorer in enumerate(self.scorers):
-            # Queries of fold k by teacher k; queries of no fold by every teacher (their mean).
-            sel = np.flatnonzero((fold == k) | (fold < 0))
-            if len(sel) == 0:
-                continue
-            attn = None if attn_out is None else np.zeros((len(sel), *attn_out.shape[1:]), attn_out.dtype)
-            got = scorer.score(pairs_q[sel], pairs_d[sel], attn_out=attn, desc=f"{desc} (fold {k})")
-            shared = fold[sel] < 0
-            logits[sel] += np.where(shared, got / len(self.scorers), got)
-            if attn is not None:
-                mine = (fold[sel] == k) | (shared & (k == 0))
-                attn_out[sel[mine]] = attn[mine]
-        return logits
+def score_pairs(ctx: Context, scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, desc: str,
+                attn_tail=None, attn_out=None) -> tuple[np.ndarray, dict]:
+    """`teacher.score_in_chunks` with this config's chunk size: every process scores its share of
+    the pairs, each chunk written to `folder` as it is done, and gets all the logits back."""
+    from md2pr_jax.teacher import chunk_size, score_in_chunks
+
+    return score_in_chunks(scorer, pairs_q, pairs_d, folder, chunk_size(ctx.config, scorer.batch_size),
+                           attn_tail=attn_tail, attn_out=attn_out, desc=desc)
 
 
 HYBRID_SWEEP = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # bm25_weight values the rerank stage reports
@@ -333,27 +337,28 @@ def rerank(ctx: Context) -> dict:
     """The teacher reranking BM25's top `rerank_depth` on the report splits; with the pairs'
     logits and normalised BM25 scores kept (rerank/<split>.npz), the hybrid teacher's rows for
     every weight of HYBRID_SWEEP come free."""
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
+    from md2pr_jax.teacher import clear_chunks
 
     cfg, ds, lay = ctx.config, ctx.dataset, ctx.layout
     depth = int(cfg.teacher_train.rerank_depth)
     if depth <= 0:
         return {"depth": 0}
-    scorer = TeacherScorer(ctx)
-    bm25 = BM25Retriever.build(ds.doc_texts, progress=False)
+    scorer = teacher_scorer(ctx)
+    bm25 = bm25_index(ctx)
     weight = float(cfg.teacher.bm25_weight)
     out: dict[str, dict] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
     if weight > 0:
         out["hybrid_rerank"] = {}
     for split in ctx.report_splits:
         rows = ds.query_indices(split)
-        idx, _ = bm25.search([ds.query_texts[r] for r in rows], depth, progress=False)
+        idx, _ = bm25.search_processes([ds.query_texts[r] for r in rows], depth, progress=False)
         qq, dd = np.nonzero(idx >= 0)
         q, d = rows[qq], idx[qq, dd]
-        ce = scorer.score(q, d, desc=f"rerank {split}")
+        ce, _ = score_pairs(ctx, scorer, q, d, lay.rerank_chunks(split), f"rerank {split}")
         lexical = bm25.pair_scores(ds.query_texts, q, d)
         if ctx.main:
             artifacts.save_arrays(lay.rerank_scores(split), q=q, d=d, ce=ce, bm25=lexical)
+            clear_chunks(lay.rerank_chunks(split))
         out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce, "teacher_rerank")
         out["hybrid_sweep"][split] = {str(w): _rerank_metrics(ctx, split, q, d, ce + w * lexical)["ndcg@10"]
                                       for w in HYBRID_SWEEP}
@@ -383,10 +388,7 @@ def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d
     weight = float(ctx.config.teacher.bm25_weight)
     if weight <= 0:
         return logits
-    from md2pr_jax.retrieval.bm25 import BM25Retriever
-
-    bm25 = BM25Retriever.build(ctx.dataset.doc_texts, progress=False)
-    return logits + weight * bm25.pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
+    return logits + weight * bm25_index(ctx).pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
 
 
 # ---------------------------------------------------------------------- rounds 1..R
@@ -404,41 +406,48 @@ def mine(ctx: Context, r: int) -> dict:
 
 
 def score(ctx: Context, r: int) -> dict:
-    """The round's one teacher pass over positives and mined candidates: logits (scores.npz)
-    and, for a 'cached' word-level loss, the attention maps of the chosen layers (attn.npy)."""
+    """The round's one teacher pass over positives and mined candidates, split across every
+    process and written in resumable chunks (`score_pairs`): logits (scores.npz) and, for a
+    'cached' word-level loss, the attention maps of the chosen layers (attn.npy)."""
+    from md2pr_jax.teacher import clear_chunks
+
     c = artifacts.load_arrays(ctx.layout.candidates(r))
     pairs_q, pairs_d = filtering.scoring_pairs(c["q_rows"], c["cand"], ctx.round_positives)
+    info = {}
     if uses_teacher(ctx.config):
-        logits = _teacher_pass(ctx, r, pairs_q, np.where(pairs_d >= 0, pairs_d, 0))
+        logits, info = _teacher_pass(ctx, r, pairs_q, np.where(pairs_d >= 0, pairs_d, 0))
     else:
         logits = np.zeros(len(pairs_q), np.float32)
     if ctx.main:
         artifacts.save_arrays(ctx.layout.scores(r), q=pairs_q, d=pairs_d, logits=logits)
-    return {"pairs": int(len(pairs_q))}
+        clear_chunks(ctx.layout.score_chunks(r))
+    # scoring: {chunks, resumed, scored_pairs (by process 0), chunk} of `teacher.score_in_chunks`
+    return {"pairs": int(len(pairs_q)), "scoring": info}
 
 
-def _teacher_pass(ctx: Context, r: int, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
+def _teacher_pass(ctx: Context, r: int, pairs_q: np.ndarray, pairs_d: np.ndarray) -> tuple[np.ndarray, dict]:
     import ml_dtypes
 
     from md2pr_jax.train.step import teacher_layers
 
     cfg = ctx.config
     layers = teacher_layers(cfg) if cached_attention(cfg) else ()
-    scorer = TeacherScorer(ctx, attention_layers=layers)
-    desc = f"round {r} teacher pass"
+    scorer = teacher_scorer(ctx, attention_layers=layers)
+    desc, chunks = f"round {r} teacher pass", ctx.layout.score_chunks(r)
+    tail = (len(layers), cfg.data.max_query_len, cfg.data.max_passage_len) if layers else None
     if not (layers and ctx.main):
-        return scorer.score(pairs_q, pairs_d, desc=desc)
+        return score_pairs(ctx, scorer, pairs_q, pairs_d, chunks, desc, attn_tail=tail)
     target = ctx.layout.attention(r)
     with artifacts.local_folder(target.parent) as folder:
         tmp, final = os.path.join(folder, "attn.tmp.npy"), os.path.join(folder, target.name)
-        shape = (len(pairs_q), len(layers), cfg.data.max_query_len, cfg.data.max_passage_len)
         # bfloat16 kept as raw uint16 bits: .npy has no bfloat16 type.
-        attn = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=shape)
-        logits = scorer.score(pairs_q, pairs_d, attn_out=attn.view(ml_dtypes.bfloat16), desc=desc)
+        attn = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(pairs_q), *tail))
+        out = score_pairs(ctx, scorer, pairs_q, pairs_d, chunks, desc, attn_tail=tail,
+                          attn_out=attn.view(ml_dtypes.bfloat16))
         attn.flush()
         del attn
         os.replace(tmp, final)
-    return logits
+    return out
 
 
 def filter_round(ctx: Context, r: int) -> dict:
