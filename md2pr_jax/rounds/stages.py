@@ -26,6 +26,7 @@ from md2pr_jax import artifacts
 from md2pr_jax import checkpoint as ckpt
 from md2pr_jax import params as params_lib
 from md2pr_jax import sharding as shd
+from md2pr_jax.config import teacher_passage_len
 from md2pr_jax.layout import Layout, prepare_dataset, round_stage
 from md2pr_jax.rounds import filtering
 from md2pr_jax.seeds import derive_seed
@@ -265,7 +266,8 @@ def _train_teacher(ctx: Context, fold: int | None) -> dict:
         if restored is not None:
             state = restored["state"]
         batches = TeacherBatches(lambda e: teacher_lists(ctx, e, fold), ctx.dataset, b,
-                                 shd.local_batch_slice(ctx.mesh, b), spe, start=int(jax.device_get(state.step)))
+                                 shd.local_batch_slice(ctx.mesh, b), spe, start=int(jax.device_get(state.step)),
+                                 passage_len=teacher_passage_len(cfg))
         state, logged = train_loop(cfg, str(lay.stage(name)), state, batches, step_fn, manager,
                                    {"stage": name}, total, mesh=ctx.mesh, tag=name)
         history = [{k: v for k, v in h.items() if k != "steps_per_s"} for h in logged]
