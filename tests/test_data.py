@@ -411,3 +411,17 @@ def test_to_global_single_process():
     assert np.array_equal(np.asarray(out["q_ids"]), batch["q_ids"])
     explicit = to_global(batch, mesh, shd.batch_sharding(mesh))
     assert np.array_equal(np.asarray(explicit["teacher_scores"]), batch["teacher_scores"])
+
+
+@pytest.mark.parametrize("mode,teacher_len,expect", [("online", 32, 32), ("online", 16, None), ("online", 0, None),
+                                                      ("cached", 32, None)])
+def test_pipeline_gives_an_online_longer_teacher_its_passages(mode, teacher_len, expect):
+    """Only an online teacher reading longer passages than the student (16) gets its own
+    teacher_p_ids [b, C, Lt] (same candidates); at the student's length nothing is added."""
+    config = make_tiny_config(**{"loss.teacher_mode": mode, "teacher.max_passage_len": teacher_len})
+    batch = next(make_train_iterator(_examples(), _FakeDataset(), config, seed=0, process_index=0, process_count=1))
+    if expect is None:
+        assert "teacher_p_ids" not in batch and "teacher_p_mask" not in batch
+    else:
+        assert batch["teacher_p_ids"].shape == (4, 3, expect) and batch["teacher_p_mask"].shape == (4, 3, expect)
+        np.testing.assert_array_equal(batch["teacher_p_ids"][..., :16], batch["p_ids"])
