@@ -333,10 +333,8 @@ def rerank(ctx: Context) -> dict:
         return {"depth": 0}
     scorer = TeacherScorer(ctx)
     bm25 = BM25Retriever.build(ds.doc_texts, progress=False)
-    weight = float(cfg.teacher.bm25_weight)
-    out: dict[str, dict] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
-    if weight > 0:
-        out["hybrid_rerank"] = {}
+    out: dict[str, Any] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
+    pairs = {}
     for split in ctx.report_splits:
         rows = ds.query_indices(split)
         idx, _ = bm25.search([ds.query_texts[r] for r in rows], depth, progress=False)
@@ -344,15 +342,19 @@ def rerank(ctx: Context) -> dict:
         q, d = rows[qq], idx[qq, dd]
         ce = scorer.score(q, d, desc=f"rerank {split}")
         lexical = bm25.pair_scores(ds.query_texts, q, d)
+        pairs[split] = (q, d, ce, lexical)
         if ctx.main:
             artifacts.save_arrays(lay.rerank_scores(split), q=q, d=d, ce=ce, bm25=lexical)
         out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce)
         out["hybrid_sweep"][split] = {str(w): _rerank_metrics(ctx, split, q, d, ce + w * lexical)["ndcg@10"]
                                       for w in HYBRID_SWEEP}
-        if weight > 0:
-            out["hybrid_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce + weight * lexical)
         logging.info("rerank %s (BM25 top %d): teacher %s; nDCG@10 by bm25_weight %s", split, depth,
                      out["teacher_rerank"][split], out["hybrid_sweep"][split])
+    weight = hybrid_weight(cfg, out)
+    if weight > 0:
+        out["bm25_weight"] = weight
+        out["hybrid_rerank"] = {split: _rerank_metrics(ctx, split, q, d, ce + weight * lexical)
+                                for split, (q, d, ce, lexical) in pairs.items()}
     return out
 
 
@@ -367,10 +369,30 @@ def _rerank_metrics(ctx: Context, split: str, q: np.ndarray, d: np.ndarray, scor
     return metrics.evaluate(run, split_qrels(ds, split), EVAL_KS)
 
 
+def best_dev_weight(sweep: dict[str, float]) -> float:
+    """The weight of a rerank sweep ({str(w): dev nDCG@10}) with the best dev nDCG@10; on a tie
+    the smallest (the least BM25 mixed in)."""
+    if not sweep:
+        raise ValueError("the rerank stage's hybrid sweep on dev is empty")
+    return min((-score, float(w)) for w, score in sweep.items())[1]
+
+
+def hybrid_weight(config, rerank_result: dict) -> float:
+    """The hybrid teacher's BM25 weight w: teacher.bm25_weight, or with
+    teacher.bm25_weight_from_dev the rerank stage's best on dev (`rerank_result`, its result)."""
+    if not config.teacher.bm25_weight_from_dev:
+        return float(config.teacher.bm25_weight)
+    sweep = (rerank_result or {}).get("hybrid_sweep", {}).get("dev")
+    if not sweep:
+        raise ValueError("config.teacher.bm25_weight_from_dev needs the rerank stage's sweep on a 'dev' split; the "
+                         "rerank result has none (teacher_train.rerank_depth > 0, and data.dev_fraction > 0 or a dev split)")
+    return best_dev_weight(sweep)
+
+
 def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
-    """The sentence level's teacher scores: the cross-encoder's logits, plus
-    teacher.bm25_weight times the pairs' normalised BM25 scores when that weight is set."""
-    weight = float(ctx.config.teacher.bm25_weight)
+    """The sentence level's teacher scores: the cross-encoder's logits, plus w times the pairs'
+    normalised BM25 scores when the hybrid weight w (`hybrid_weight`) is set."""
+    weight = hybrid_weight(ctx.config, ctx.layout.result("rerank"))
     if weight <= 0:
         return logits
     from md2pr_jax.retrieval.bm25 import BM25Retriever
@@ -471,6 +493,7 @@ def filter_round(ctx: Context, r: int) -> dict:
             examples.save(folder)
     valid = cand >= 0
     result = {"round": r, "tau": tau, "tau_hat": tau_hat, "tau_prev": tau_prev, "flagged": int(flagged.sum()),
+              "bm25_weight": hybrid_weight(cfg, lay.result("rerank")) if uses_teacher(cfg) else 0.0,
               "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
               "tau_source": fc.tau_source, "positives_for_tau": int(len(pos_probs)),
               "teacher_signal": _signal(soft, cand, ~is_pseudo) if uses_teacher(cfg) else None,
