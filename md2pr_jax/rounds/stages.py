@@ -44,16 +44,25 @@ class Context:
     student: Any
     teacher: Any
     hidden: dict[int, set]  # query row -> positives hidden by the planted check
-    train_positives: dict[int, list[int]]  # query row -> visible positives
+    # query row -> the visible positives that get lists (at most data.positives_per_query)
+    train_positives: dict[int, list[int]]
     report_splits: list[str]
     main: bool
     # pseudo-query row -> its source passage (data.pseudo_queries > 0; data/pseudo.py)
     pseudo_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # query row -> every visible labelled positive (none is mined as a negative); {}: train_positives
+    known_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def round_positives(self) -> dict[int, list[int]]:
-        """The queries every round mines and scores: the training queries, then the pseudo-queries."""
+        """The queries every round mines and scores, with the positives that get lists: the
+        training queries, then the pseudo-queries."""
         return {**self.train_positives, **self.pseudo_positives}
+
+    @property
+    def excluded_positives(self) -> dict[int, list[int]]:
+        """Per round query, every labelled positive it has: left out of its mined candidates."""
+        return {**(self.known_positives or self.train_positives), **self.pseudo_positives}
 
     @property
     def eval_split(self) -> str:
@@ -76,9 +85,19 @@ def open_context(config, workdir) -> Context:
         artifacts.write_text(layout.config_json, config.to_json_best_effort(indent=2))
     positives = dataset.positives(config.data.train_split)
     hidden = _planted(config, layout, positives, main)
+    visible = filtering.visible_positives(positives, hidden)
+    listed = filtering.cap_positives(visible, _grades(dataset, config.data.train_split),
+                                     int(config.data.positives_per_query), derive_seed(config, "list_positives"))
     logging.info("dataset %s", json.dumps(dataset.summary()))
     return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
-                   filtering.visible_positives(positives, hidden), report_splits, main, pseudo)
+                   listed, report_splits, main, pseudo, visible)
+
+
+def _grades(dataset, split: str) -> dict[int, dict[int, int]]:
+    """query row -> {doc row: relevance} of `split`'s judgements."""
+    qi, di = dataset.query_index, dataset.doc_index
+    return {qi[q]: {di[d]: int(s) for d, s in docs.items() if d in di}
+            for q, docs in dataset.qrels.get(split, {}).items() if q in qi}
 
 
 def _pseudo_queries(config, layout: Layout, dataset, main: bool):
@@ -407,8 +426,8 @@ def mine(ctx: Context, r: int) -> dict:
     depth = int(ctx.config.rounds.mine_depth)
     params = student_params(ctx, r - 1)
     corpus = corpus_embeddings(ctx, params, r - 1)
-    pos = ctx.round_positives
-    q_rows = np.array(sorted(pos), np.int64)
+    pos = ctx.excluded_positives
+    q_rows = np.array(sorted(ctx.round_positives), np.int64)
     cand = dense_candidates(ctx, params, corpus, q_rows, depth, [set(pos[int(q)]) for q in q_rows])
     if ctx.main:
         artifacts.save_arrays(ctx.layout.candidates(r), q_rows=q_rows, cand=cand)
