@@ -316,8 +316,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
         raise ConfigError("config.teacher.bm25_weight_from_dev needs the rerank stage's sweep: set "
                           "teacher_train.rerank_depth > 0 (and have a dev split)")
     if hybrid and cfg.loss.teacher_mode == "online":
-        raise ConfigError("config.teacher.bm25_weight > 0 (or bm25_weight_from_dev) needs loss.teacher_mode='cached': "
-                          "the hybrid soft labels "
+        raise ConfigError("config.teacher.bm25_weight > 0 needs loss.teacher_mode='cached' (bm25_weight_from_dev "
+                          "too): the hybrid soft labels "
                           "are computed in the filter stage, an online teacher scores inside the step")
     if cfg.teacher.bm25_weight < 0 or cfg.teacher_train.rerank_depth < 0:
         raise ConfigError("config.teacher.bm25_weight and teacher_train.rerank_depth must be >= 0")
