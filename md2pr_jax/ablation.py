@@ -51,7 +51,7 @@ REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
 ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
             "filter.dynamic", "filter.tau0", "filter.momentum", "filter.quantile", "filter.tau_min",
             "filter.tau_max", "filter.promote", "filter.promote_tau", "filter.tau_source", "filter.keep_flagged",
-            "data.num_negatives", "teacher.bm25_weight")
+            "data.num_negatives", "teacher.bm25_weight", "teacher.bm25_weight_from_dev", "loss.word_temperature")
 # Keys only the rerank stage reads besides the row keys: where they differ it is not linked.
 RERANK_KEYS = ("teacher_train.rerank_depth",)
 # Keys round 0 never reads (the pseudo-queries join from round 1's mining on): where they

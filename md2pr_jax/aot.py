@@ -84,6 +84,12 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
         "cand_mask": ((b, c), jnp.float32),
         "teacher_scores": ((b, c), jnp.float32),
     }
+    from md2pr_jax.data.pipeline import online_teacher_passage_len
+
+    lt = online_teacher_passage_len(config)
+    if lt:
+        shapes["teacher_p_ids"] = ((b, c, lt), jnp.int32)
+        shapes["teacher_p_mask"] = ((b, c, lt), jnp.int32)
     if config.loss.teacher_mode == "cached" and config.loss.use_word:
         pairs, k = len(config.loss.layer_pairs), word_candidates(config, c)
         shapes["teacher_attn"] = ((b, pairs, k, lq, lp), jnp.bfloat16)

@@ -16,6 +16,9 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# Kinds of pseudo-query (data/pseudo.py cuts them). Held here, not there, so that this module
+# imports nothing of the project: data/pseudo -> data/prepare -> config must not close a cycle.
+PSEUDO_KINDS = ("sentence", "first")
 
 
 def bert_shape(
@@ -61,6 +64,9 @@ def base_config() -> ConfigDict:
     c.student.normalize = True  # L2-normalise embeddings
     c.student.shared_towers = True  # one encoder for queries and passages
     c.student.similarity_scale = 20.0  # scores = scale * q.p (1/temperature when normalised)
+    # True: `init` may hold more layers than bert.num_layers; its embeddings and first
+    # num_layers layers are kept (all-MiniLM-L6-v2 cut to 3 layers). False: the counts must match.
+    c.student.truncate_init = False
 
     c.teacher = ConfigDict()
     c.teacher.init = ""
@@ -72,11 +78,18 @@ def base_config() -> ConfigDict:
     c.teacher.head = "cls"
     c.teacher.head_scale = 20.0
     c.teacher.head_bias = -10.0
+    c.teacher.truncate_init = False  # as student.truncate_init
+    # Passage tokens the teacher reads (0 = data.max_passage_len). Longer than the student's: the
+    # student's passage is the first tokens of the teacher's, and the word level reads the
+    # teacher's attention over the student's window only, renormalised over it (losses.word_kl).
+    c.teacher.max_passage_len = 0
     # Hybrid teacher for the sentence level: the soft labels are the cross-encoder's logit plus
     # bm25_weight * BM25(q, d) / max BM25(q, .). The filter still reads the cross-encoder's
     # probability and the word level its attention. 0 = the cross-encoder alone. The rerank
     # stage reports a sweep of this weight on every report split: choose it on dev.
     c.teacher.bm25_weight = 0.0
+    # True: the weight is the rerank stage's best on dev (its HYBRID_SWEEP), not bm25_weight.
+    c.teacher.bm25_weight_from_dev = False
 
     c.model = ConfigDict()
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU
@@ -97,12 +110,16 @@ def base_config() -> ConfigDict:
     c.data.eval_split = "test"
     c.data.dev_fraction = 0.0  # share of train queries held out as a dev split
     c.data.max_query_len = 32
-    c.data.max_passage_len = 128
+    c.data.max_passage_len = 128  # the student's; teacher.max_passage_len may be longer
     c.data.bad_records = "error"  # 'error' | 'skip'
     c.data.max_docs = 0  # >0: keep a subset of the corpus (debug); judged docs always kept
     c.data.max_train_queries = 0
     c.data.max_eval_queries = 0
     c.data.num_negatives = 7  # hard negatives per query in a training list
+    # >0: each training query keeps at most this many of its positives for its lists (one list
+    # per positive; the highest graded first, ties drawn by config.seed). NFCorpus has ~43 per
+    # query. Every labelled positive still leaves the mined negatives. 0 = all.
+    c.data.positives_per_query = 0
     c.data.num_workers = 0
     # >0: this many pseudo-queries cut from the corpus (data/pseudo.py), mined and scored by
     # the teacher in every round beside the training queries; train.pseudo trains on them.
@@ -119,6 +136,8 @@ def base_config() -> ConfigDict:
     c.loss.beta = 0.1  # weight of L_word
     c.loss.gamma = 1.0  # weight of margin-MSE
     c.loss.kd_temperature = 1.0  # T
+    # T_w: the student's token logits in L_word are h_q.h_p / (sqrt(d) T_w); 1 = DESIGN.md's A_s.
+    c.loss.word_temperature = 1.0
     c.loss.word_topk = 1  # top-k negatives (by teacher score) in L_word, plus the positive
     c.loss.layer_pairs = ((-1, -1),)  # (student layer, teacher layer); negative = from the end
     c.loss.teacher_mode = "cached"  # 'cached' | 'online'
@@ -283,6 +302,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("teacher_train.grad_accum", cfg.teacher_train.grad_accum)
     positive("teacher_train.batch_size", cfg.teacher_train.batch_size)
     positive("loss.kd_temperature", cfg.loss.kd_temperature)
+    positive("loss.word_temperature", cfg.loss.word_temperature)
     positive("data.max_query_len", cfg.data.max_query_len)
     positive("data.max_passage_len", cfg.data.max_passage_len)
     positive("retrieval.encode_batch_size", cfg.retrieval.encode_batch_size)
@@ -291,8 +311,6 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("teacher_train.score_chunk_size", cfg.teacher_train.score_chunk_size)
     if cfg.retrieval.bm25_threads < 0:
         raise ConfigError("config.retrieval.bm25_threads must be >= 0 (0: the cores this process may use)")
-    from md2pr_jax.data.pseudo import KINDS as PSEUDO_KINDS
-
     if cfg.data.pseudo_queries < 0:
         raise ConfigError(f"config.data.pseudo_queries must be >= 0, got {cfg.data.pseudo_queries}")
     if cfg.data.pseudo_kind not in PSEUDO_KINDS:
@@ -305,8 +323,15 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if cfg.teacher_train.folds > 1 and cfg.loss.teacher_mode == "online":
         raise ConfigError("config.teacher_train.folds > 1 needs loss.teacher_mode='cached': an online teacher "
                           "in the step is one model, cross-fitted teachers are one per fold")
-    if cfg.teacher.bm25_weight > 0 and cfg.loss.teacher_mode == "online":
-        raise ConfigError("config.teacher.bm25_weight > 0 needs loss.teacher_mode='cached': the hybrid soft labels "
+    if cfg.data.positives_per_query < 0 or cfg.teacher.max_passage_len < 0:
+        raise ConfigError("config.data.positives_per_query and teacher.max_passage_len must be >= 0 (0 = off)")
+    hybrid = cfg.teacher.bm25_weight > 0 or cfg.teacher.bm25_weight_from_dev
+    if cfg.teacher.bm25_weight_from_dev and cfg.teacher_train.rerank_depth <= 0:
+        raise ConfigError("config.teacher.bm25_weight_from_dev needs the rerank stage's sweep: set "
+                          "teacher_train.rerank_depth > 0 (and have a dev split)")
+    if hybrid and cfg.loss.teacher_mode == "online":
+        raise ConfigError("config.teacher.bm25_weight > 0 needs loss.teacher_mode='cached' (bm25_weight_from_dev "
+                          "too): the hybrid soft labels "
                           "are computed in the filter stage, an online teacher scores inside the step")
     if cfg.teacher.bm25_weight < 0 or cfg.teacher_train.rerank_depth < 0:
         raise ConfigError("config.teacher.bm25_weight and teacher_train.rerank_depth must be >= 0")
@@ -340,11 +365,14 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                 f"config.{tower}.bert.hidden_size={b.hidden_size} is not divisible by "
                 f"num_heads={b.num_heads}"
             )
-    if cfg.data.max_query_len + cfg.data.max_passage_len > cfg.teacher.bert.max_position_embeddings:
+    if cfg.data.max_query_len + teacher_passage_len(cfg) > cfg.teacher.bert.max_position_embeddings:
         raise ConfigError(
-            "config.data.max_query_len + max_passage_len exceeds the teacher's "
-            f"max_position_embeddings={cfg.teacher.bert.max_position_embeddings}"
+            "config.data.max_query_len + the teacher's passage length (teacher.max_passage_len, else "
+            f"data.max_passage_len) exceeds the teacher's max_position_embeddings={cfg.teacher.bert.max_position_embeddings}"
         )
+    if 0 < cfg.teacher.max_passage_len < cfg.data.max_passage_len:
+        raise ConfigError(f"config.teacher.max_passage_len={cfg.teacher.max_passage_len} is shorter than the student's "
+                          f"data.max_passage_len={cfg.data.max_passage_len}: the teacher must see the student's window")
     for pair in cfg.loss.layer_pairs:
         if len(pair) != 2:
             raise ConfigError(f"config.loss.layer_pairs holds {pair!r}; each must be (student, teacher)")
@@ -355,6 +383,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if num_devices is not None:
         mesh_shape(cfg, num_devices)
     return cfg
+
+
+def teacher_passage_len(cfg: ConfigDict) -> int:
+    """Passage tokens the teacher reads: teacher.max_passage_len, else data.max_passage_len."""
+    return int(cfg.teacher.max_passage_len) or int(cfg.data.max_passage_len)
 
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> tuple[int, int, int]:

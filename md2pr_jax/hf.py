@@ -139,9 +139,12 @@ def read_hf_config(folder: str) -> dict:
         raise WeightsError(f"{path} is not valid JSON ({e})") from None
 
 
-def check_shape(hf_cfg: dict, shape, where: str, config_key: str) -> None:
-    """Raises WeightsError when the folder's config.json disagrees with the configured shape."""
+def check_shape(hf_cfg: dict, shape, where: str, config_key: str, truncate: bool = False) -> None:
+    """Raises WeightsError when the folder's config.json disagrees with the configured shape.
+    With `truncate` the folder may hold more layers than configured (the first ones are read)."""
     for hf_key, key in _SHAPE_KEYS.items():
+        if truncate and key == "num_layers" and hf_key in hf_cfg and int(hf_cfg[hf_key]) >= int(shape[key]):
+            continue
         if hf_key in hf_cfg and int(hf_cfg[hf_key]) != int(shape[key]):
             raise WeightsError(
                 f"{where} has {hf_key}={hf_cfg[hf_key]} but {config_key}.{key}={shape[key]}; "
@@ -163,8 +166,10 @@ def _norm(t: dict, name: str, where: str) -> dict:
         raise WeightsError(f"{where} lacks the tensor {e.args[0]}") from None
 
 
-def hf_to_bert(t: dict[str, np.ndarray], num_layers: int, where: str, pooler: bool) -> Params:
-    """HF BertModel tensors (no `bert.` prefix) -> the `models.Bert` parameter tree."""
+def hf_to_bert(t: dict[str, np.ndarray], num_layers: int, where: str, pooler: bool, truncate: bool = False) -> Params:
+    """HF BertModel tensors (no `bert.` prefix) -> the `models.Bert` parameter tree. With
+    `truncate`, the embeddings and the first `num_layers` layers of a deeper model (its
+    pooler too, which reads the last layer kept)."""
     emb = {}
     for ours, theirs in _EMBED_MAP.items():
         if ours == "LayerNorm":
@@ -184,8 +189,9 @@ def hf_to_bert(t: dict[str, np.ndarray], num_layers: int, where: str, pooler: bo
                 node = node.setdefault(part, {})
             node[ours[-1]] = value
         params[f"layer_{i}"] = layer
-    if f"encoder.layer.{num_layers}.attention.self.query.weight" in t:
-        raise WeightsError(f"{where} has more than {num_layers} layers; the config says {num_layers}")
+    if f"encoder.layer.{num_layers}.attention.self.query.weight" in t and not truncate:
+        raise WeightsError(f"{where} has more than {num_layers} layers; the config says {num_layers} "
+                           "(set truncate_init=True to keep the first ones)")
     if pooler:
         if "pooler.dense.weight" in t:
             params["pooler"] = read_linear(t, "pooler.dense", where)

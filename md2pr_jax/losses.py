@@ -6,7 +6,7 @@ Notation (see DESIGN.md, Losses): a query q has a candidate list c_0 = p+, c_1..
 - `contrastive_loss`: InfoNCE over every passage of the global batch (cross-batch negatives).
 - `sentence_kl`:      KL(softmax(t/T) || softmax(s/T)) over each query's own list.
 - `word_kl`:          KL between the teacher's query->passage attention and the student's
-                      softmax over passage tokens of h_q.h_p/sqrt(d).
+                      softmax over passage tokens of h_q.h_p/(sqrt(d) T_w).
 - `margin_mse`:       MSE between student and teacher margins (s_0 - s_i) and (t_0 - t_i).
 - `compute_loss`:     the weighted sum selected by `config.loss`, with per-term metrics.
 
@@ -134,6 +134,7 @@ def word_kl(
     p_mask: Array,
     teacher_attn: Array,
     cand_mask: Array,
+    temperature=1.0,
 ) -> Array:
     """Word-level distillation for one (student layer, teacher layer) pair.
 
@@ -145,11 +146,16 @@ def word_kl(
       teacher_attn: [B, K, Lq, Lp] teacher attention from query tokens to passage tokens
         (head-averaged, aligned index-for-index with the student tokens); any dtype.
       cand_mask: [B, K]; 0 drops the candidate.
+      temperature: T_w, dividing the student's token logits (config.loss.word_temperature).
+        Token states are not normalised, so their dot products set A_s's sharpness alone;
+        T_w < 1 sharpens it. 1 is DESIGN.md's A_s exactly.
 
     For every valid query token i (not [CLS], not the final [SEP], not padding) and valid
     passage tokens j (likewise), A_t[i, :] is the teacher row renormalised over valid j and
-    A_s[i, :] = softmax_j(h_q[i] . h_p[j] / sqrt(D)). Query tokens whose teacher row has no
-    mass on valid passage tokens are skipped.
+    A_s[i, :] = softmax_j(h_q[i] . h_p[j] / (sqrt(D) T_w)). Query tokens whose teacher row has
+    no mass on valid passage tokens are skipped. A teacher that read a longer passage gives
+    its attention over the student's window only (Lp columns); the renormalisation over valid
+    j makes it a distribution over that window.
 
     Returns:
       Scalar float32: KL(A_t || A_s) averaged over valid query tokens of each candidate, then
@@ -160,7 +166,7 @@ def word_kl(
     p_ok = inner_token_mask(p_mask)  # [B, K, Lp]
     c_ok = _valid(cand_mask)  # [B, K]
 
-    logits = jnp.einsum("bid,bkjd->bkij", _f32(q_states), _f32(p_states)) / jnp.sqrt(jnp.float32(d))
+    logits = jnp.einsum("bid,bkjd->bkij", _f32(q_states), _f32(p_states)) / (jnp.sqrt(jnp.float32(d)) * _f32(temperature))
     p_ok_row = p_ok[:, :, None, :]  # [B, K, 1, Lp]
     s_log = _masked_log_softmax(logits, p_ok_row)  # [B, K, Lq, Lp]
 
@@ -212,7 +218,7 @@ def compute_loss(
 
     Args:
       loss_cfg: `config.loss` (use_ce, use_sent, use_word, use_margin_mse, alpha, beta, gamma,
-        kd_temperature, layer_pairs). Switches are read at trace time: terms that are off are
+        kd_temperature, word_temperature, layer_pairs). Switches are read at trace time: terms that are off are
         never computed.
       q_emb: [B, D] query embeddings. p_emb: [B, C, D] candidate embeddings.
       scale: similarity scale (1/temperature).
@@ -274,6 +280,7 @@ def compute_loss(
                     batch["p_mask"][:, :k],
                     attn[:, i, :k],
                     kd_mask[:, :k],
+                    loss_cfg.word_temperature,
                 )
             )
         terms["loss_word"] = sum(per_pair) / len(per_pair)

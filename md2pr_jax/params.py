@@ -65,8 +65,10 @@ def _init_student(config, rng: jax.Array) -> Params:
     if not config.student.init:
         return ref
     folder = hf.resolve_pretrained(config.student.init)
-    hf.check_shape(hf.read_hf_config(folder), config.student.bert, folder, "config.student.bert")
-    bert = hf.hf_to_bert(hf.read_safetensors(folder), config.student.bert.num_layers, folder, pooler=False)
+    cut = bool(config.student.truncate_init)
+    hf.check_shape(hf.read_hf_config(folder), config.student.bert, folder, "config.student.bert", truncate=cut)
+    bert = hf.hf_to_bert(hf.read_safetensors(folder), config.student.bert.num_layers, folder, pooler=False,
+                         truncate=cut)
     loaded = {name: bert for name in ref}  # shared: 'encoder'; separate: both towers start equal
     return hf.fit_params(loaded, ref, folder)
 
@@ -80,10 +82,11 @@ def init_teacher_params(config, rng: jax.Array | None = None) -> Params:
     if not config.teacher.init:
         return ref
     folder = hf.resolve_pretrained(config.teacher.init)
-    hf.check_shape(hf.read_hf_config(folder), config.teacher.bert, folder, "config.teacher.bert")
+    cut = bool(config.teacher.truncate_init)
+    hf.check_shape(hf.read_hf_config(folder), config.teacher.bert, folder, "config.teacher.bert", truncate=cut)
     tensors = hf.read_safetensors(folder)
-    loaded = {"bert": hf.hf_to_bert(tensors, config.teacher.bert.num_layers, folder, pooler=True), "classifier": None,
-              "score_head": None}
+    loaded = {"bert": hf.hf_to_bert(tensors, config.teacher.bert.num_layers, folder, pooler=True, truncate=cut),
+              "classifier": None, "score_head": None}
     loaded = {k: v for k, v in loaded.items() if k in ref}  # the configured head's parameters only
     head_file = os.path.join(folder, hf.SCORE_HEAD_FILE)
     if "score_head" in ref and os.path.exists(head_file):

@@ -18,6 +18,7 @@ PURPOSES = {
     "teacher_epoch": "negatives and order of the teacher's lists in epoch `index` (fold teachers: (fold, epoch))",
     "teacher_folds": "which training queries each cross-fitted teacher leaves out",
     "pseudo_queries": "which passages give pseudo-queries, and which sentence of each (shared by every row)",
+    "list_positives": "which positives of a query with more than data.positives_per_query get lists (shared by every row)",
     "negatives": "round `index`'s negative sampling from the unflagged candidates",
     "batch_order": "round `index`'s batch order (the train iterator's seed)",
 }
@@ -43,6 +44,8 @@ def derive_seed(config, purpose: str, index: int | tuple[int, int] = 0) -> int |
         return s + 11
     if purpose == "pseudo_queries":
         return s + 13
+    if purpose == "list_positives":
+        return s + 17
     if purpose == "negatives":
         return [s, t, int(index)]
     if purpose == "batch_order":

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from md2pr_jax import sharding as shd
-from md2pr_jax.config import ConfigError
+from md2pr_jax.config import ConfigError, teacher_passage_len
 from md2pr_jax.models import with_dropout
 from md2pr_jax.seeds import derive_seed
 from md2pr_jax.train.optimizer import make_optimizer, make_schedule
@@ -113,8 +113,9 @@ class TeacherBatches:
     the train loop as item 'data')."""
 
     def __init__(self, lists: Callable[[int], tuple[np.ndarray, np.ndarray]], dataset, global_batch: int,
-                 rows: slice, steps_per_epoch: int, start: int = 0):
+                 rows: slice, steps_per_epoch: int, start: int = 0, passage_len: int | None = None):
         self.lists, self.dataset, self.rows = lists, dataset, rows
+        self.passage_len = passage_len  # the teacher's (config.teacher_passage_len); None: the dataset's
         self.global_batch, self.steps_per_epoch, self.step = int(global_batch), int(steps_per_epoch), int(start)
         self._epoch: tuple[int, tuple] | None = None
 
@@ -128,7 +129,7 @@ class TeacherBatches:
         qs, lists = self._epoch[1]
         rows = slice(j * self.global_batch, (j + 1) * self.global_batch)
         q_ids, q_mask = self.dataset.query_tokens(qs[rows][self.rows])
-        p_ids, p_mask = self.dataset.doc_tokens(lists[rows][self.rows])
+        p_ids, p_mask = self.dataset.doc_tokens(lists[rows][self.rows], self.passage_len)
         self.step += 1
         return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask,
                 "cand_mask": np.ones(p_ids.shape[:2], np.float32)}
@@ -162,8 +163,10 @@ class PairScorer:
     (`scoring_mesh`), in fixed-size jitted batches split over those devices. The params are
     placed on the mesh once, at construction; every call hands only the batch.
 
-    With `attention_layers`, also returns the head-averaged query->passage attention of those
-    layers per pair ([N, P, Lq, Lp] bfloat16), written into `attn_out` (e.g. an np.memmap).
+    The teacher reads passages at `config.teacher_passage_len` tokens. With `attention_layers`,
+    also returns the head-averaged query->passage attention of those layers per pair over the
+    student's window ([N, P, Lq, Lp] bfloat16, Lp = config.data.max_passage_len), written into
+    `attn_out` (e.g. an np.memmap).
     """
 
     def __init__(self, config, teacher: nn.Module, params: Any, dataset, mesh: Mesh | None = None,
@@ -179,10 +182,12 @@ class PairScorer:
         self.batch_size = max(shards, -(-batch_size // shards) * shards)
         self.params = place_teacher_params(config, mesh, params, teacher=teacher)
         self._rows = shd.batch_sharding(mesh)
+        self.passage_len = teacher_passage_len(config)
+        window = int(config.data.max_passage_len)
 
         def fn(p, batch):
             with shd.activation_context(mesh):
-                return teacher_forward(teacher, p, batch, self.layers, 1, mesh)
+                return teacher_forward(teacher, p, batch, self.layers, 1, mesh, window=window)
 
         p_shardings = teacher_param_shardings(config, mesh, teacher)
         self._fn = jax.jit(fn, in_shardings=(p_shardings, self._rows), out_shardings=self._rows)
@@ -196,7 +201,7 @@ class PairScorer:
             if pad:  # a full last batch keeps one compiled shape
                 q, d = np.concatenate([q, np.repeat(q[-1:], pad)]), np.concatenate([d, np.repeat(d[-1:], pad)])
             q_ids, q_mask = self.dataset.query_tokens(q)
-            p_ids, p_mask = self.dataset.doc_tokens(d)
+            p_ids, p_mask = self.dataset.doc_tokens(d, self.passage_len)
             batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids[:, None], "p_mask": p_mask[:, None]}
             yield start, jax.device_put(batch, self._rows)
 

@@ -263,3 +263,47 @@ def test_filter_only_rows_give_the_planted_check_without_training(tmp_path):
         assert p["hidden_positives"] > 0 and p["flagged"] == got[row]["flagged"]
         assert not (work / "rows" / f"{row}_s3" / "rounds" / "r01" / "train").exists()  # nothing trained
     assert "| `md2pr` |" in (work / "REPORT.md").read_text()
+
+
+def test_hybrid_weight_from_dev_takes_the_sweeps_best_and_labels_with_it(tmp_path):
+    """teacher.bm25_weight_from_dev: w is the rerank sweep's best on dev (ties: the smaller),
+    and the soft labels are the cross-encoder's logits plus that w times normalised BM25."""
+    import types
+
+    import numpy as np
+
+    from md2pr_jax import artifacts
+    from md2pr_jax.config import ConfigError, base_config, validate
+    from md2pr_jax.layout import Layout
+    from md2pr_jax.retrieval.bm25 import BM25Retriever
+    from md2pr_jax.rounds import stages
+
+    assert stages.best_dev_weight({"0.0": 0.70, "2.0": 0.75, "4.0": 0.75, "8.0": 0.74}) == 2.0
+    config = base_config()
+    config.teacher.bm25_weight = 1.0
+    sweep = {"hybrid_sweep": {"test": {"0.0": 0.1, "8.0": 0.9}, "dev": {"0.0": 0.5, "3.0": 0.6, "8.0": 0.55}}}
+    assert stages.hybrid_weight(config, sweep) == 1.0  # the fixed weight unless asked
+    config.teacher.bm25_weight_from_dev = True
+    assert stages.hybrid_weight(config, sweep) == 3.0  # dev's best, not test's
+    with pytest.raises(ValueError, match="bm25_weight_from_dev needs the rerank stage's sweep on a 'dev' split"):
+        stages.hybrid_weight(config, {"hybrid_sweep": {"test": {"0.0": 0.1}}})
+    with pytest.raises(ConfigError, match="rerank_depth > 0"):
+        validate(_with(base_config(), rerank_depth=0))
+
+    layout = Layout.at(str(tmp_path / "w"))
+    artifacts.write_json(layout.result_file("rerank"), sweep)
+    docs = ["vitamin d and bone fractures", "aspirin after stroke", "yeast heat shock genes", "bone density in adults"]
+    queries = ["vitamin d bone", "stroke aspirin"]
+    ctx = types.SimpleNamespace(config=config, layout=layout,
+                                dataset=types.SimpleNamespace(doc_texts=docs, query_texts=queries))
+    q, d = np.array([0, 0, 0, 1, 1]), np.array([0, 3, 2, 1, 0])
+    logits = np.array([0.5, -0.2, 0.1, 1.0, -1.0], np.float32)
+    lexical = BM25Retriever.build(docs, progress=False).pair_scores(queries, q, d)
+    assert lexical.max() > 0
+    np.testing.assert_allclose(stages.hybrid_logits(ctx, logits, q, d), logits + 3.0 * lexical, rtol=1e-6)
+
+
+def _with(config, rerank_depth):
+    config.teacher.bm25_weight_from_dev = True
+    config.teacher_train.rerank_depth = rerank_depth
+    return config

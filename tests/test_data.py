@@ -411,3 +411,43 @@ def test_to_global_single_process():
     assert np.array_equal(np.asarray(out["q_ids"]), batch["q_ids"])
     explicit = to_global(batch, mesh, shd.batch_sharding(mesh))
     assert np.array_equal(np.asarray(explicit["teacher_scores"]), batch["teacher_scores"])
+
+
+@pytest.mark.parametrize("mode,teacher_len,expect", [("online", 32, 32), ("online", 16, None), ("online", 0, None),
+                                                      ("cached", 32, None)])
+def test_pipeline_gives_an_online_longer_teacher_its_passages(mode, teacher_len, expect):
+    """Only an online teacher reading longer passages than the student (16) gets its own
+    teacher_p_ids [b, C, Lt] (same candidates); at the student's length nothing is added."""
+    config = make_tiny_config(**{"loss.teacher_mode": mode, "teacher.max_passage_len": teacher_len})
+    batch = next(make_train_iterator(_examples(), _FakeDataset(), config, seed=0, process_index=0, process_count=1))
+    if expect is None:
+        assert "teacher_p_ids" not in batch and "teacher_p_mask" not in batch
+    else:
+        assert batch["teacher_p_ids"].shape == (4, 3, expect) and batch["teacher_p_mask"].shape == (4, 3, expect)
+        np.testing.assert_array_equal(batch["teacher_p_ids"][..., :16], batch["p_ids"])
+
+
+@pytest.mark.data
+def test_nfcorpus_prepares_with_many_graded_positives_and_a_longer_teacher(data_dir, tmp_path):
+    """configs/nfcorpus_minilm.py: NFCorpus's own dev split, ~43 positives per train query
+    (capped to one list each), graded dev/test judgements, passages stored at the teacher's 256
+    tokens whose first 127 are the student's."""
+    from md2pr_jax.config import load_config
+    from md2pr_jax.data import prepare_dataset
+    from md2pr_jax.rounds import filtering, stages
+
+    if not os.path.isdir(os.path.join(data_dir, "nfcorpus")):
+        pytest.skip("no nfcorpus under MD2PR_DATA_DIR")
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/nfcorpus_minilm.py"))
+    ds = prepare_dataset(cfg, str(tmp_path))
+    assert {s: len(q) for s, q in ds.split_queries.items()} == {"train": 2590, "dev": 324, "test": 323}
+    assert ds.num_docs == 3633 and ds.max_passage_len == 128 and ds.stored_passage_len == 256
+    pos = ds.positives("train")
+    assert 40 < np.mean([len(v) for v in pos.values()]) < 46
+    assert {s for docs in ds.qrels["test"].values() for s in docs.values()} >= {1, 2}
+    capped = filtering.cap_positives(pos, stages._grades(ds, "train"), cfg.data.positives_per_query, 0)
+    assert all(len(v) == 1 and v[0] in pos[q] for q, v in capped.items())
+    rows = np.arange(50)
+    short, long = ds.doc_tokens(rows), ds.doc_tokens(rows, 256)
+    assert short[0].shape == (50, 128) and long[0].shape == (50, 256) and (long[1].sum(1) > 128).any()
+    np.testing.assert_array_equal(short[0][:, :127], long[0][:, :127])

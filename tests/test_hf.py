@@ -310,3 +310,42 @@ def test_layer_indices_match_hugging_face(tmp_path):
     for bad, attention in ((0, True), (n + 1, True), (-(n + 1), True), (n + 1, False), (-(n + 2), False)):
         with pytest.raises(ValueError, match="out of range"):
             layer_index(bad, n, attention=attention)
+
+
+@pytest.mark.parametrize("tower", ["student", "teacher"])
+def test_truncated_init_equals_the_full_model_after_layer_n(tmp_path, tower):
+    """truncate_init keeps the embeddings and first N layers of a deeper folder: the cut model's
+    last token states are the full model's hidden state after layer N (not after its last)."""
+    from md2pr_jax.models import Bert
+
+    full = make_tiny_config()
+    full.student.bert.num_layers = full.teacher.bert.num_layers = 3
+    init = init_student_params if tower == "student" else init_teacher_params
+    export = hf.export_student if tower == "student" else hf.export_teacher
+    params = init(full, jax.random.PRNGKey(7))
+    export(params, full, str(tmp_path / "full"))
+
+    cut = make_tiny_config(**{f"{tower}.init": str(tmp_path / "full"), f"{tower}.truncate_init": True})
+    cut[tower].bert.num_layers = 2
+    got = init(cut, jax.random.PRNGKey(8))
+    encoder = (lambda p: p["encoder"]) if tower == "student" else (lambda p: p["bert"])
+    assert "layer_2" not in encoder(got)
+
+    ids = np.array([[101, 2023, 2003, 1037, 3231, 102, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    types, pos = np.zeros_like(ids), np.arange(ids.shape[1], dtype=np.int32)[None]
+
+    def states(cfg, p, layer):
+        from md2pr_jax.models import bert_module_config
+
+        bert = Bert(bert_module_config(cfg[tower].bert, cfg.model, True), add_pooler=tower == "teacher")
+        (out,) = bert.apply({"params": encoder(p)}, ids, mask, types, pos, return_layers=(layer,))["states"].values()
+        return np.asarray(out)
+
+    after_2 = states(full, params, 2)
+    np.testing.assert_allclose(states(cut, got, -1), after_2, atol=1e-6)
+    assert np.abs(states(full, params, 3) - after_2).max() > 1e-3  # layer 3 differs: a wrong cut would fail
+
+    cut[tower].truncate_init = False
+    with pytest.raises(hf.WeightsError, match="num_hidden_layers=3"):
+        init(cut, jax.random.PRNGKey(8))

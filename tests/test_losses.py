@@ -49,7 +49,7 @@ def ref_sentence_kl(s, t, mask, temp):
     return float(np.mean(out)) * temp**2 if out else 0.0
 
 
-def ref_word_kl(qs, qm, ps, pm, attn, cmask):
+def ref_word_kl(qs, qm, ps, pm, attn, cmask, temperature=1.0):
     b, k = cmask.shape
     d = qs.shape[-1]
     per_cand = []
@@ -66,7 +66,7 @@ def ref_word_kl(qs, qm, ps, pm, attn, cmask):
                 if row.sum() <= 0:
                     continue
                 a_t = row / row.sum()
-                logits = np.array([qs[bi, i] @ ps[bi, ki, j] / np.sqrt(d) for j in pj])
+                logits = np.array([qs[bi, i] @ ps[bi, ki, j] / (np.sqrt(d) * temperature) for j in pj])
                 ls = _np_log_softmax(logits)
                 nz = a_t > 0
                 kls.append(np.sum(a_t[nz] * (np.log(a_t[nz]) - ls[nz])))
@@ -118,6 +118,7 @@ def _loss_cfg(**kw):
             word_topk=1,
             layer_pairs=((-1, -1), (2, 3)),
             teacher_mode="cached",
+            word_temperature=1.0,
         )
     )
     c.update(kw)
@@ -181,6 +182,26 @@ def test_word_kl_matches_reference():
     attn[0, 0, 2] = 0.0  # a teacher row without mass: skipped
     got = jax.jit(losses.word_kl)(qs, qm, ps, pm, attn, cm)
     np.testing.assert_allclose(got, ref_word_kl(qs, qm, ps, pm, attn, cm), rtol=1e-5)
+
+
+def test_word_temperature_divides_the_student_logits():
+    """T_w = 1 is today's loss; T_w = 0.5 matches the reference at 0.5, equals scaling the query
+    states by 1/T_w, and differs from T_w = 1."""
+    qs, qm, ps, pm, attn, cm = _word_case()
+    base = float(losses.word_kl(qs, qm, ps, pm, attn, cm))
+    assert float(losses.word_kl(qs, qm, ps, pm, attn, cm, 1.0)) == base
+    sharp = float(jax.jit(losses.word_kl)(qs, qm, ps, pm, attn, cm, 0.5))
+    np.testing.assert_allclose(sharp, ref_word_kl(qs, qm, ps, pm, attn, cm, temperature=0.5), rtol=1e-5)
+    np.testing.assert_allclose(sharp, float(losses.word_kl(qs / 0.5, qm, ps, pm, attn, cm)), rtol=1e-5)
+    assert abs(sharp - base) > 1e-3
+
+
+def test_compute_loss_reads_word_temperature():
+    case = _full_case()
+    _, m1 = losses.compute_loss(_loss_cfg(), **case)
+    _, m2 = losses.compute_loss(_loss_cfg(word_temperature=0.25), **case)
+    assert float(m1["loss_word"]) != float(m2["loss_word"])
+    np.testing.assert_allclose(float(m1["loss_sent"]), float(m2["loss_sent"]))
 
 
 def test_inner_token_mask_excludes_cls_sep_padding():

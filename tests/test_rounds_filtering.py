@@ -162,3 +162,24 @@ def test_build_lists_keeps_flagged_for_distillation_and_selects_queries():
     empty = filtering.build_lists(q_rows, cand, scores, positives, flagged, none, 4, np.random.default_rng(0),
                                   teacher_order=True, queries=set())
     assert empty.docs.shape == (0, 5) and len(empty.query) == 0
+
+
+def test_cap_positives_keeps_the_highest_graded_then_a_seeded_draw():
+    positives = {1: [10, 11, 12, 13, 14, 15], 2: [20], 3: [30, 31]}
+    grades = {1: {12: 2, 10: 1}, 3: {30: 1, 31: 2}}
+    got = filtering.cap_positives(positives, grades, 2, seed=0)
+    assert got[1][0] == 12 and got[1][1] in (10, 11, 13, 14, 15) and got[2] == [20] and got[3] == [31, 30]
+    assert filtering.cap_positives(positives, grades, 2, seed=0) == got  # seeded
+    draws = {tuple(filtering.cap_positives(positives, {}, 1, seed=s)[1]) for s in range(20)}
+    assert len(draws) > 2  # ties are drawn, not the first listed
+    assert filtering.cap_positives(positives, grades, 0, seed=0) is positives  # 0 = all
+
+
+def test_context_mines_around_every_known_positive_but_lists_the_capped_ones():
+    from md2pr_jax.rounds.stages import Context
+
+    ctx = Context(None, None, None, None, None, None, {}, {1: [10]}, [], True, {5: [50]}, {1: [10, 11, 12]})
+    assert ctx.round_positives == {1: [10], 5: [50]}
+    assert ctx.excluded_positives == {1: [10, 11, 12], 5: [50]}
+    old = Context(None, None, None, None, None, None, {}, {1: [10]}, [], True)
+    assert old.excluded_positives == old.round_positives == {1: [10]}

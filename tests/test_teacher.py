@@ -25,9 +25,9 @@ class _Tokens:
         rows = np.asarray(rows)
         return np.broadcast_to(rows[..., None] + 1, (*rows.shape, 8)).astype(np.int32), np.ones((*rows.shape, 8), np.int32)
 
-    def doc_tokens(self, rows):
+    def doc_tokens(self, rows, max_len=None):
         rows = np.asarray(rows)
-        return np.broadcast_to(rows[..., None] + 1, (*rows.shape, 16)).astype(np.int32), np.ones((*rows.shape, 16), np.int32)
+        return np.broadcast_to(rows[..., None] + 1, (*rows.shape, max_len or 16)).astype(np.int32), np.ones((*rows.shape, max_len or 16), np.int32)
 
 
 def _lists(epoch):

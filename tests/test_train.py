@@ -74,8 +74,8 @@ class _BatchAsDataset:
     def query_tokens(self, rows):
         return self.q[0][rows], self.q[1][rows]
 
-    def doc_tokens(self, rows):
-        return self.p[0][rows], self.p[1][rows]
+    def doc_tokens(self, rows, max_len=None):
+        return self.p[0][rows][..., :max_len], self.p[1][rows][..., :max_len]
 
 
 def _cached_teacher_outputs(config, mesh, teacher, teacher_params, host_batch):
@@ -179,3 +179,102 @@ def test_online_mode_without_teacher_is_a_clear_error(setup):
     config = tiny_config(**{"loss.teacher_mode": "online"})
     with pytest.raises(ValueError, match="teacher"):
         make_train_step(config, mesh, student, None, total_steps=3)
+
+
+def _long_passages(config, teacher_len: int, seed: int = 3):
+    """A host batch whose passages are stored at `teacher_len` tokens (many longer than the
+    student's Lp), cut as the prepared dataset cuts them: (batch with the student's p_ids and
+    the teacher's teacher_p_ids, the TokenTable they come from)."""
+    from md2pr_jax.data.prepare import TokenTable
+
+    rng = np.random.default_rng(seed)
+    b, c = config.train.batch_size, 1 + config.data.num_negatives
+    seqs = []
+    for _ in range(b * c):
+        n = int(rng.integers(config.data.max_passage_len // 2, teacher_len + 1))
+        seqs.append(np.concatenate([[101], rng.integers(1000, 30000, size=n - 2), [102]]).astype(np.int32))
+    table = TokenTable(np.concatenate(seqs), np.concatenate([[0], np.cumsum([len(x) for x in seqs])]), 102, 0)
+    rows = np.arange(b * c).reshape(b, c)
+    batch = random_batch(config, 0)
+    batch["p_ids"], batch["p_mask"] = table.gather(rows, config.data.max_passage_len)
+    batch["teacher_p_ids"], batch["teacher_p_mask"] = table.gather(rows, teacher_len)
+    return batch, table
+
+
+def test_teacher_at_the_student_length_changes_nothing(setup):
+    from md2pr_jax.data.pipeline import online_teacher_passage_len
+    from md2pr_jax.data.prepare import stored_passage_len
+    from md2pr_jax.train.step import teacher_forward
+
+    config, mesh, student, teacher, teacher_params = setup
+    same = tiny_config(**{"teacher.max_passage_len": config.data.max_passage_len, "loss.teacher_mode": "online"})
+    assert online_teacher_passage_len(same) is None and stored_passage_len(same) == config.data.max_passage_len
+    batch = random_batch(config, 0)
+    layers, k = teacher_layers(config), word_candidates(config, batch["p_ids"].shape[1])
+    s0, a0 = teacher_forward(teacher, teacher_params, batch, layers, k)
+    s1, a1 = teacher_forward(teacher, teacher_params, batch, layers, k, window=config.data.max_passage_len)
+    np.testing.assert_array_equal(np.asarray(s0), np.asarray(s1))
+    np.testing.assert_array_equal(np.asarray(a0.astype(np.float32)), np.asarray(a1.astype(np.float32)))
+
+
+def test_longer_teacher_word_target_is_the_renormalised_first_window(setup):
+    """The teacher reads 32 passage tokens, the student 16. Online and cached, the teacher scores
+    the long pair, and the word level reads the teacher's attention over the student's window:
+    the first 16 columns of its full attention, renormalised over the student's passage tokens."""
+    from md2pr_jax import losses
+    from md2pr_jax.data.pipeline import online_teacher_passage_len
+    from md2pr_jax.train.step import teacher_forward
+
+    config, mesh, student, teacher, teacher_params = setup
+    lp, lt = config.data.max_passage_len, 32
+    long_cfg = tiny_config(**{"teacher.max_passage_len": lt, "loss.teacher_mode": "online"})
+    assert online_teacher_passage_len(long_cfg) == lt
+    batch, table = _long_passages(config, lt)
+    cut = batch["teacher_p_mask"].sum(-1) > lp
+    assert cut.any() and (~cut).any()
+    # The student's passage is the first tokens of the teacher's (the cut ends with [SEP]).
+    np.testing.assert_array_equal(batch["p_ids"][..., : lp - 1], batch["teacher_p_ids"][..., : lp - 1])
+
+    layers, k = teacher_layers(config), word_candidates(config, batch["p_ids"].shape[1])
+    full_batch = dict(batch, p_ids=batch["teacher_p_ids"], p_mask=batch["teacher_p_mask"])
+    for key in ("teacher_p_ids", "teacher_p_mask"):
+        full_batch.pop(key)
+    s_full, a_full = teacher_forward(teacher, teacher_params, full_batch, layers, k)  # [B, P, K, Lq, 32]
+    s_win, a_win = teacher_forward(teacher, teacher_params, batch, layers, k, window=lp)  # [B, P, K, Lq, 16]
+    s_short, _ = teacher_forward(teacher, teacher_params, {kk: batch[kk] for kk in ("q_ids", "q_mask", "p_ids", "p_mask")},
+                                 layers, k)
+    np.testing.assert_array_equal(np.asarray(s_win), np.asarray(s_full))
+    assert np.abs(np.asarray(s_short) - np.asarray(s_full))[cut].min() > 1e-7  # it read the longer passage
+    block = np.asarray(a_full.astype(np.float32))[..., :lp]
+    np.testing.assert_array_equal(np.asarray(a_win.astype(np.float32)), block)
+    # The target, renormalised by hand over the student's inner passage tokens.
+    inner = np.asarray(losses.inner_token_mask(batch["p_mask"][:, :k]))[:, None, :, None, :]  # [B, 1, K, 1, Lp]
+    target = np.where(inner, block, 0.0)
+    target = target / np.maximum(target.sum(-1, keepdims=True), 1e-30)
+    assert np.abs(target.sum(-1) - 1)[(target.sum(-1) > 0)].max() < 1e-5
+    assert np.abs(target - block).max() > 1e-3  # renormalising changed the rows: the test can tell
+
+    # Online: the step reads teacher_p_ids and the window; cached: PairScorer stores the window.
+    hand = shd.to_global(dict(batch, teacher_scores=np.asarray(s_full), teacher_attn=target.astype(jax.numpy.bfloat16)), mesh)
+    online_batch = shd.to_global(batch, mesh)
+    cached_cfg = tiny_config(**{"teacher.max_passage_len": lt})
+    state = create_train_state(config, mesh, rng=jax.random.PRNGKey(0), student=student)
+    m_on = jax.device_get(make_eval_step(long_cfg, mesh, student, teacher)(state.params, online_batch, teacher_params))
+    m_hand = jax.device_get(make_eval_step(cached_cfg, mesh, student)(state.params, hand, None))
+    np.testing.assert_allclose(m_on["loss_word"], m_hand["loss_word"], rtol=2e-3)
+    np.testing.assert_allclose(m_on["loss_sent"], m_hand["loss_sent"], rtol=1e-5)
+
+    class _Table:
+        def query_tokens(self, rows):
+            return batch["q_ids"][rows], batch["q_mask"][rows]
+
+        def doc_tokens(self, rows, max_len=None):
+            return table.gather(rows, max_len or lp)
+
+    b, c = batch["p_ids"].shape[:2]
+    scorer = PairScorer(cached_cfg, teacher, teacher_params, _Table(), mesh, 8, attention_layers=layers)
+    flat = np.zeros((b * c, len(layers), config.data.max_query_len, lp), jax.numpy.bfloat16)
+    scores = scorer.score(np.repeat(np.arange(b), c), np.arange(b * c), attn_out=flat).reshape(b, c)
+    np.testing.assert_allclose(scores, np.asarray(s_full), rtol=1e-5, atol=1e-5)
+    got = gather_attention(flat, np.arange(b * c).reshape(b, c)[:, :k]).astype(np.float32)
+    np.testing.assert_array_equal(got, block)

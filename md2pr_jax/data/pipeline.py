@@ -22,6 +22,8 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from md2pr_jax.config import teacher_passage_len
+
 _STATE_VERSION = 1
 
 
@@ -97,12 +99,14 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 class _GlobalBatches:
     """grain random-access source: index = global step -> this process's rows of that batch."""
 
-    def __init__(self, examples, dataset, *, seed, epoch_offset, global_batch, rows, num_steps, lq, lp, with_attn):
+    def __init__(self, examples, dataset, *, seed, epoch_offset, global_batch, rows, num_steps, lq, lp, with_attn,
+                 teacher_lp=None):
         self.examples, self.dataset = examples, dataset
         self.seed, self.epoch_offset = int(seed), int(epoch_offset)
         self.global_batch, self.rows = global_batch, rows
         self.steps_per_epoch = steps_per_epoch(len(examples), global_batch)
         self.num_steps, self.lq, self.lp, self.with_attn = num_steps, lq, lp, with_attn
+        self.teacher_lp = teacher_lp  # set: the online teacher's own, longer passages join the batch
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -140,6 +144,8 @@ class _GlobalBatches:
             "teacher_scores": ex.teacher_scores[rows],
             **({"kd_mask": ex.kd_mask[rows]} if ex.kd_mask is not None else {}),
         }
+        if self.teacher_lp:
+            batch["teacher_p_ids"], batch["teacher_p_mask"] = self.dataset.doc_tokens(ex.cand_idx[rows], self.teacher_lp)
         if self.with_attn:
             order = np.argsort(rows)  # sorted reads are kinder to a memmap
             attn = np.empty((len(rows),) + ex.teacher_attn.shape[1:], ml_dtypes.bfloat16)
@@ -222,7 +228,8 @@ def make_train_iterator(
         [i*b, (i+1)*b)); pass `sharding.local_batch_slice(mesh, B)` on unusual meshes.
 
     Yields dicts: q_ids, q_mask int32 [b, Lq]; p_ids, p_mask int32
-    [b, C, Lp]; cand_mask, teacher_scores float32 [b, C]; teacher_attn bf16 [b, P, K, Lq, Lp].
+    [b, C, Lp]; cand_mask, teacher_scores float32 [b, C]; teacher_attn bf16 [b, P, K, Lq, Lp];
+    in 'online' mode with a longer teacher, teacher_p_ids, teacher_p_mask int32 [b, C, Lt].
     """
     if process_index is None or process_count is None:
         import jax
@@ -250,11 +257,20 @@ def make_train_iterator(
         lq=int(config.data.max_query_len),
         lp=int(config.data.max_passage_len),
         with_attn=with_attn,
+        teacher_lp=online_teacher_passage_len(config),
     )
     workers = int(config.data.num_workers)
     read_options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(2 * workers, 1) if workers else 0)
     identity = {"seed": int(seed), "epoch_offset": int(epoch_offset), "num_examples": len(examples), "global_batch": global_batch}
     return TrainIterator(source, read_options, identity)
+
+
+def online_teacher_passage_len(config) -> int | None:
+    """The passage length of the batch's teacher_p_ids: the online teacher's, where it reads
+    longer passages than the student; None otherwise (the teacher reads p_ids)."""
+    t = teacher_passage_len(config)
+    online = config.loss.teacher_mode == "online"
+    return t if online and t > int(config.data.max_passage_len) else None
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh, sharding=None) -> dict:

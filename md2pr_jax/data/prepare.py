@@ -9,9 +9,13 @@ the model's tokenizer, and saves it all beside each other under
 where <key> hashes everything the content depends on (source build, tokenizer, lengths,
 subsets, seed, policy). A second call with the same config loads the arrays memory-mapped.
 
-Tokens are stored unpadded as `[CLS] ... [SEP]`, truncated to max_query_len / max_passage_len,
-in one flat int32 array plus int64 offsets. The teacher input is the concatenation of these
-same arrays (the model does it), so token positions align with the student's by construction.
+Tokens are stored unpadded as `[CLS] ... [SEP]`, truncated to max_query_len and to the longer
+of the student's and the teacher's passage lengths (data.max_passage_len,
+teacher.max_passage_len), in one flat int32 array plus int64 offsets. `doc_tokens` cuts them to
+the length asked for (the student's by default) and ends a cut passage with [SEP] again, which
+gives the same ids as tokenizing at that length. The teacher input is the concatenation of
+these same arrays (the model does it), so the student's passage tokens are the first tokens of
+the teacher's and positions align by construction.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from absl import logging
 
+from md2pr_jax.config import teacher_passage_len
 from md2pr_jax.data import builders
 
 PREPARED_VERSION = 3  # bump when the prepared layout or its content rules change
@@ -172,8 +177,9 @@ class RetrievalDataset:
     query_table: TokenTable
     doc_table: TokenTable
     max_query_len: int
-    max_passage_len: int
+    max_passage_len: int  # the student's: doc_tokens' default length
     bad_records: dict
+    stored_passage_len: int = 0  # the longest passage length doc_tokens can give (0: max_passage_len)
     from_cache: bool = False  # True when this call loaded a previous preparation
 
     @property
@@ -211,6 +217,10 @@ class RetrievalDataset:
 
     def doc_tokens(self, indices, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) int32 [*indices.shape, max_len or config.data.max_passage_len]."""
+        stored = self.stored_passage_len or self.max_passage_len
+        if max_len and max_len > stored:
+            raise ValueError(f"{self.name}: passages were tokenized at {stored} tokens, {max_len} asked; prepare "
+                             "the dataset with the longer length (teacher.max_passage_len)")
         return self.doc_table.gather(indices, max_len or self.max_passage_len)
 
     @property
@@ -298,6 +308,9 @@ def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         "train_split": d.train_split,
         "seed": int(config.seed),
     }
+    stored = stored_passage_len(config)
+    if stored != int(d.max_passage_len):  # keyed only when it differs: older preparations stay valid
+        key_fields["stored_passage_len"] = stored
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(root, "prepared", f"{d.builder}-{d.dataset}-{key}")
     if not os.path.exists(os.path.join(path, "meta.json")):
@@ -308,6 +321,11 @@ def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         ds.from_cache = True
     logging.info("prepared %s: %s", ds.name, json.dumps(ds.summary()))
     return ds
+
+
+def stored_passage_len(config) -> int:
+    """The passage length the prepared tokens keep: the student's or the teacher's, the longer."""
+    return max(int(config.data.max_passage_len), teacher_passage_len(config))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -384,7 +402,7 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
             doc_ids.add([doc["id"].encode("utf-8") for doc in chunk])
             doc_texts.add([t.encode("utf-8") for t in texts])
             t = time.time()
-            doc_tok.add(_tokenize(tokenizer, texts, d.max_passage_len, specials[0]))
+            doc_tok.add(_tokenize(tokenizer, texts, stored_passage_len(config), specials[0]))
             t_tok += time.time() - t
     for writer in (doc_ids, doc_texts, doc_tok):
         writer.close()
@@ -402,6 +420,7 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
         "pad_id": specials[2],
         "max_query_len": int(d.max_query_len),
         "max_passage_len": int(d.max_passage_len),
+        "stored_passage_len": stored_passage_len(config),
         "seconds": {"read_and_write": time.time() - t0 - t_tok, "tokenize": t_tok},
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -527,6 +546,7 @@ def load_prepared(path: str) -> RetrievalDataset:
         max_query_len=meta["max_query_len"],
         max_passage_len=meta["max_passage_len"],
         bad_records=bad,
+        stored_passage_len=meta.get("stored_passage_len", meta["max_passage_len"]),
     )
 
 

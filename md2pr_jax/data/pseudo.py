@@ -20,10 +20,10 @@ import re
 
 import numpy as np
 
+from md2pr_jax.config import PSEUDO_KINDS as KINDS
 from md2pr_jax.data.prepare import RetrievalDataset, TokenTable, _tokenize
 
 PSEUDO_SPLIT = "pseudo"
-KINDS = ("sentence", "first")
 MIN_WORDS = 4
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 

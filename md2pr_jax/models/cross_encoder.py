@@ -49,21 +49,27 @@ class CrossEncoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, q_ids: Array, q_mask: Array, p_ids: Array, p_mask: Array, attention_layers: Sequence[int] = ()
+        self, q_ids: Array, q_mask: Array, p_ids: Array, p_mask: Array, attention_layers: Sequence[int] = (),
+        attention_window: int | None = None,
     ) -> tuple[Array, dict[int, Array]]:
-        """q_*: [B, Lq], p_*: [B, Lp] -> (score logits [B] float32, {layer: attention [B, Lq, Lp]}).
+        """q_*: [B, Lq], p_*: [B, Lp] -> (score logits [B] float32, {layer: attention [B, Lq, W]}).
 
-        The attention rows are the head-averaged softmax over the whole pair; `losses.py`
+        The attention rows are the head-averaged softmax over the whole pair, kept for the
+        first W = attention_window passage positions (default Lp): a teacher reading a longer
+        passage than the student gives its attention over the student's window. `losses.py`
         renormalises them over the passage tokens.
         """
         lq, lp = q_ids.shape[1], p_ids.shape[1]
+        window = lp if attention_window is None else int(attention_window)
+        if not 0 < window <= lp:
+            raise ValueError(f"attention_window={window} must lie in [1, {lp}] (the passage length the teacher read)")
         ids, mask, type_ids, pos_ids = pair_inputs(q_ids, q_mask, p_ids, p_mask)
         out = Bert(self.cfg, add_pooler=True, name="bert")(
             ids,
             mask,
             type_ids,
             pos_ids,
-            attention_block=(lq, lq + lp),
+            attention_block=(lq, lq + window),
             attention_layers=attention_layers,
         )
         if self.head == "cls":

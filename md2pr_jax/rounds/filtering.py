@@ -56,6 +56,24 @@ def assign_folds(q_rows: np.ndarray, folds: int, seed) -> dict[int, int]:
     return {int(q_rows[i]): int(pos % max(folds, 1)) for pos, i in enumerate(order)}
 
 
+def cap_positives(positives: dict[int, list[int]], grades: dict[int, dict[int, int]], cap: int,
+                  seed) -> dict[int, list[int]]:
+    """query row -> at most `cap` of its positives (0 = all): the highest graded first
+    (`grades`: query row -> {doc row: relevance}), ties in an order drawn by `seed`. A query with
+    many relevant documents (NFCorpus: ~43) then gives `cap` training lists, not one per positive."""
+    if cap <= 0:
+        return positives
+    rng = np.random.default_rng(seed)
+    out = {}
+    for q in sorted(positives):
+        docs = list(positives[q])
+        tie = rng.permutation(len(docs))
+        g = grades.get(q, {})
+        order = sorted(range(len(docs)), key=lambda i: (-g.get(docs[i], 1), tie[i]))
+        out[q] = [docs[i] for i in order[:cap]]
+    return out
+
+
 def visible_positives(positives: dict[int, list[int]], hidden: dict[int, set]) -> dict[int, list[int]]:
     """query row -> the labelled positives the student sees (the hidden ones removed)."""
     return {q: [d for d in docs if d not in hidden.get(q, set())] for q, docs in positives.items()}

@@ -26,6 +26,7 @@ from md2pr_jax import artifacts
 from md2pr_jax import checkpoint as ckpt
 from md2pr_jax import params as params_lib
 from md2pr_jax import sharding as shd
+from md2pr_jax.config import teacher_passage_len
 from md2pr_jax.layout import Layout, prepare_dataset, round_stage
 from md2pr_jax.rounds import filtering
 from md2pr_jax.seeds import derive_seed
@@ -43,16 +44,25 @@ class Context:
     student: Any
     teacher: Any
     hidden: dict[int, set]  # query row -> positives hidden by the planted check
-    train_positives: dict[int, list[int]]  # query row -> visible positives
+    # query row -> the visible positives that get lists (at most data.positives_per_query)
+    train_positives: dict[int, list[int]]
     report_splits: list[str]
     main: bool
     # pseudo-query row -> its source passage (data.pseudo_queries > 0; data/pseudo.py)
     pseudo_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # query row -> every visible labelled positive (none is mined as a negative); {}: train_positives
+    known_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def round_positives(self) -> dict[int, list[int]]:
-        """The queries every round mines and scores: the training queries, then the pseudo-queries."""
+        """The queries every round mines and scores, with the positives that get lists: the
+        training queries, then the pseudo-queries."""
         return {**self.train_positives, **self.pseudo_positives}
+
+    @property
+    def excluded_positives(self) -> dict[int, list[int]]:
+        """Per round query, every labelled positive it has: left out of its mined candidates."""
+        return {**(self.known_positives or self.train_positives), **self.pseudo_positives}
 
     @property
     def eval_split(self) -> str:
@@ -74,9 +84,19 @@ def open_context(config, workdir) -> Context:
         artifacts.write_text(layout.config_json, config.to_json_best_effort(indent=2))
     positives = dataset.positives(config.data.train_split)
     hidden = _planted(config, layout, positives, main)
+    visible = filtering.visible_positives(positives, hidden)
+    listed = filtering.cap_positives(visible, _grades(dataset, config.data.train_split),
+                                     int(config.data.positives_per_query), derive_seed(config, "list_positives"))
     logging.info("dataset %s", json.dumps(dataset.summary()))
     return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
-                   filtering.visible_positives(positives, hidden), report_splits, main, pseudo)
+                   listed, report_splits, main, pseudo, visible)
+
+
+def _grades(dataset, split: str) -> dict[int, dict[int, int]]:
+    """query row -> {doc row: relevance} of `split`'s judgements."""
+    qi, di = dataset.query_index, dataset.doc_index
+    return {qi[q]: {di[d]: int(s) for d, s in docs.items() if d in di}
+            for q, docs in dataset.qrels.get(split, {}).items() if q in qi}
 
 
 def evaluated_splits(eval_split: str, dataset) -> list[str]:
@@ -293,7 +313,8 @@ def _train_teacher(ctx: Context, fold: int | None) -> dict:
         if restored is not None:
             state = restored["state"]
         batches = TeacherBatches(lambda e: teacher_lists(ctx, e, fold), ctx.dataset, b,
-                                 shd.local_batch_slice(ctx.mesh, b), spe, start=int(jax.device_get(state.step)))
+                                 shd.local_batch_slice(ctx.mesh, b), spe, start=int(jax.device_get(state.step)),
+                                 passage_len=teacher_passage_len(cfg))
         state, logged = train_loop(cfg, str(lay.stage(name)), state, batches, step_fn, manager,
                                    {"stage": name}, total, mesh=ctx.mesh, tag=name)
         history = [{k: v for k, v in h.items() if k != "steps_per_s"} for h in logged]
@@ -345,10 +366,8 @@ def rerank(ctx: Context) -> dict:
         return {"depth": 0}
     scorer = teacher_scorer(ctx)
     bm25 = bm25_index(ctx)
-    weight = float(cfg.teacher.bm25_weight)
-    out: dict[str, dict] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
-    if weight > 0:
-        out["hybrid_rerank"] = {}
+    out: dict[str, Any] = {"teacher_rerank": {}, "hybrid_sweep": {}, "depth": depth}
+    pairs = {}
     for split in ctx.report_splits:
         rows = ds.query_indices(split)
         idx, _ = bm25.search_processes([ds.query_texts[r] for r in rows], depth, progress=False)
@@ -356,16 +375,20 @@ def rerank(ctx: Context) -> dict:
         q, d = rows[qq], idx[qq, dd]
         ce, _ = score_pairs(ctx, scorer, q, d, lay.rerank_chunks(split), f"rerank {split}")
         lexical = bm25.pair_scores(ds.query_texts, q, d)
+        pairs[split] = (q, d, ce, lexical)
         if ctx.main:
             artifacts.save_arrays(lay.rerank_scores(split), q=q, d=d, ce=ce, bm25=lexical)
             clear_chunks(lay.rerank_chunks(split))
         out["teacher_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce, "teacher_rerank")
         out["hybrid_sweep"][split] = {str(w): _rerank_metrics(ctx, split, q, d, ce + w * lexical)["ndcg@10"]
                                       for w in HYBRID_SWEEP}
-        if weight > 0:
-            out["hybrid_rerank"][split] = _rerank_metrics(ctx, split, q, d, ce + weight * lexical, "hybrid_rerank")
         logging.info("rerank %s (BM25 top %d): teacher %s; nDCG@10 by bm25_weight %s", split, depth,
                      out["teacher_rerank"][split], out["hybrid_sweep"][split])
+    weight = hybrid_weight(cfg, out)
+    if weight > 0:
+        out["bm25_weight"] = weight
+        out["hybrid_rerank"] = {split: _rerank_metrics(ctx, split, q, d, ce + weight * lexical, "hybrid_rerank")
+                                for split, (q, d, ce, lexical) in pairs.items()}
     return out
 
 
@@ -382,10 +405,30 @@ def _rerank_metrics(ctx: Context, split: str, q: np.ndarray, d: np.ndarray, scor
     return score_run(run, ds, split, ctx.layout.per_query_dir("rerank") if system else None, system or "")
 
 
+def best_dev_weight(sweep: dict[str, float]) -> float:
+    """The weight of a rerank sweep ({str(w): dev nDCG@10}) with the best dev nDCG@10; on a tie
+    the smallest (the least BM25 mixed in)."""
+    if not sweep:
+        raise ValueError("the rerank stage's hybrid sweep on dev is empty")
+    return min((-score, float(w)) for w, score in sweep.items())[1]
+
+
+def hybrid_weight(config, rerank_result: dict) -> float:
+    """The hybrid teacher's BM25 weight w: teacher.bm25_weight, or with
+    teacher.bm25_weight_from_dev the rerank stage's best on dev (`rerank_result`, its result)."""
+    if not config.teacher.bm25_weight_from_dev:
+        return float(config.teacher.bm25_weight)
+    sweep = (rerank_result or {}).get("hybrid_sweep", {}).get("dev")
+    if not sweep:
+        raise ValueError("config.teacher.bm25_weight_from_dev needs the rerank stage's sweep on a 'dev' split; the "
+                         "rerank result has none (teacher_train.rerank_depth > 0, and data.dev_fraction > 0 or a dev split)")
+    return best_dev_weight(sweep)
+
+
 def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d: np.ndarray) -> np.ndarray:
-    """The sentence level's teacher scores: the cross-encoder's logits, plus
-    teacher.bm25_weight times the pairs' normalised BM25 scores when that weight is set."""
-    weight = float(ctx.config.teacher.bm25_weight)
+    """The sentence level's teacher scores: the cross-encoder's logits, plus w times the pairs'
+    normalised BM25 scores when the hybrid weight w (`hybrid_weight`) is set."""
+    weight = hybrid_weight(ctx.config, ctx.layout.result("rerank"))
     if weight <= 0:
         return logits
     return logits + weight * bm25_index(ctx).pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
@@ -397,8 +440,8 @@ def mine(ctx: Context, r: int) -> dict:
     depth = int(ctx.config.rounds.mine_depth)
     params = student_params(ctx, r - 1)
     corpus = corpus_embeddings(ctx, params, r - 1)
-    pos = ctx.round_positives
-    q_rows = np.array(sorted(pos), np.int64)
+    pos = ctx.excluded_positives
+    q_rows = np.array(sorted(ctx.round_positives), np.int64)
     cand = dense_candidates(ctx, params, corpus, q_rows, depth, [set(pos[int(q)]) for q in q_rows])
     if ctx.main:
         artifacts.save_arrays(ctx.layout.candidates(r), q_rows=q_rows, cand=cand)
@@ -490,6 +533,7 @@ def filter_round(ctx: Context, r: int) -> dict:
             examples.save(folder)
     valid = cand >= 0
     result = {"round": r, "tau": tau, "tau_hat": tau_hat, "tau_prev": tau_prev, "flagged": int(flagged.sum()),
+              "bm25_weight": hybrid_weight(cfg, lay.result("rerank")) if uses_teacher(cfg) else 0.0,
               "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
               "tau_source": fc.tau_source, "positives_for_tau": int(len(pos_probs)),
               "teacher_signal": _signal(soft, cand, ~is_pseudo) if uses_teacher(cfg) else None,

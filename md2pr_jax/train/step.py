@@ -31,6 +31,9 @@ from md2pr_jax.train.state import TrainState, state_shardings, teacher_param_sha
 
 Batch = Mapping[str, jax.Array]
 TEACHER_KEYS = ("q_ids", "q_mask", "p_ids", "p_mask")
+# The teacher's own passage tokens when it reads longer passages than the student (online mode;
+# data/pipeline.py adds them): [B, C, Lt], the student's [B, C, Lp] their first tokens.
+TEACHER_PASSAGE_KEYS = ("teacher_p_ids", "teacher_p_mask")
 
 
 def student_layers(config) -> tuple[int, ...]:
@@ -57,16 +60,23 @@ def teacher_forward(
     mesh: Mesh | None = None,
     frozen: bool = True,
     rng: jax.Array | None = None,
+    window: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The teacher over every (query, candidate) pair of the lists; `frozen` (the student's
     steps and the scoring pass) stops gradients, `frozen=False` is the teacher's own training.
 
-    batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B, C, Lp].
-    Returns (scores [B, C] float32, attention [B, P, K, Lq, Lp] bfloat16 for the first K
+    batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B, C, Lp], or, where present, the teacher's
+    longer teacher_p_ids, teacher_p_mask [B, C, Lt] (the teacher reads those).
+    window: the passage positions of the attention kept, W (default: all the teacher read);
+      the student's Lp when the teacher reads longer passages.
+    Returns (scores [B, C] float32, attention [B, P, K, Lq, W] bfloat16 for the first K
     candidates, P = len(attention_layers); None when attention_layers is empty).
     """
-    q_ids, q_mask, p_ids, p_mask = (batch[k_] for k_ in TEACHER_KEYS)
+    q_ids, q_mask = batch["q_ids"], batch["q_mask"]
+    long = TEACHER_PASSAGE_KEYS[0] in batch
+    p_ids, p_mask = (batch[k_] for k_ in (TEACHER_PASSAGE_KEYS if long else ("p_ids", "p_mask")))
     b, c, lp = p_ids.shape
+    window = lp if window is None else int(window)
     lq = q_ids.shape[1]
     pairs = (
         jnp.repeat(q_ids, c, axis=0),  # [B*C, Lq]
@@ -77,14 +87,15 @@ def teacher_forward(
     if mesh is not None:
         pairs = jax.lax.with_sharding_constraint(pairs, NamedSharding(mesh, P(shd.BATCH_AXES)))
     rngs = {"dropout": rng} if rng is not None else {}
-    logits, attn = teacher.apply({"params": teacher_params}, *pairs, attention_layers=attention_layers, rngs=rngs)
+    logits, attn = teacher.apply({"params": teacher_params}, *pairs, attention_layers=attention_layers,
+                                 attention_window=window, rngs=rngs)
     scores = logits.reshape(b, c).astype(jnp.float32)
     if frozen:
         scores = jax.lax.stop_gradient(scores)
     if not attention_layers:
         return scores, None
     n = teacher.cfg["num_layers"]
-    maps = [attn[layer_index(lt, n, attention=True)].reshape(b, c, lq, lp)[:, :k] for lt in attention_layers]
+    maps = [attn[layer_index(lt, n, attention=True)].reshape(b, c, lq, window)[:, :k] for lt in attention_layers]
     return scores, jax.lax.stop_gradient(jnp.stack(maps, axis=1).astype(jnp.bfloat16))
 
 
@@ -130,8 +141,9 @@ def _loss_fn(config, mesh, student, teacher):
 
     def loss_fn(params, batch, teacher_params, rng):
         k = word_candidates(config, batch["p_ids"].shape[1])
-        if online:
-            scores, attn = teacher_forward(teacher, teacher_params, batch, t_layers, k, mesh)
+        if online:  # the attention over the student's passage window, whatever the teacher read
+            scores, attn = teacher_forward(teacher, teacher_params, batch, t_layers, k, mesh,
+                                           window=batch["p_ids"].shape[-1])
             batch = dict(batch, teacher_scores=scores)
             if attn is not None:
                 batch["teacher_attn"] = attn
