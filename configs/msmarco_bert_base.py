@@ -6,11 +6,15 @@ Command (every worker of a v5e-16 slice, see launch/tpu_pod.sh):
 Check that the step fits before renting the pod (runs on any CPU machine with the tpu extra):
     python -m md2pr_jax.main --config configs/msmarco_bert_base.py --workdir /tmp/aot --mode aot
 Data: MS MARCO passage TSVs (collection.tsv, queries.{train,dev}.tsv, qrels.{train,dev}.tsv) in
-    config.data.dir/msmarco, or gs://; weights: the Hugging Face hub ids below (needs internet).
+    config.data.dir/msmarco, or gs://; fetched once from the official collectionandqueries.tar.gz by
+    `python -m md2pr_jax.data.fetch --config configs/msmarco_bert_base.py --data_dir gs://BUCKET/data`
+    (`tpu_pod.sh ... data`); weights: the Hugging Face hub ids below (needs internet).
 Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below at 40% of the
     v5e peak (197 bf16 TFLOP/s per chip): about 0.3 s per step, i.e. ~1,000 steps (one pass
     over 502k training queries at 512 per step) in a few minutes per round plus corpus encoding
-    (8.8M passages) and mining, roughly 1-2 hours for 2 rounds.
+    (8.8M passages) and mining. A guess, not a plan: the host stages (data preparation, BM25 over
+    502k queries, the filter's bookkeeping) have never run at this size, and no FLOPs-based time
+    plan of every stage exists yet.
 Teacher scoring per round (the filter's pass, rounds.mine_depth below): 502,939 training queries
     x 50 mined candidates + 532,761 labelled positives = 25,679,711 pairs; XLA's cost analysis of
     the scoring function (benchmarks/score_flops.py: teacher_forward, 32 + 128 tokens, bf16) gives
@@ -21,7 +25,9 @@ Result: not measured. For reference, RocketQA-style BERT-base dual encoders reac
 
 AOT report measured on this project's 2-core CPU (jax 0.10.2, libtpu 0.0.42), --mode aot, on
 the model, loss and train step of commit 1f062f0 (re-run after the attention rewrite of the CPU
-work; before it: 14.467 GiB, 3.34e+14 FLOPs):
+work; before it: 14.467 GiB, 3.34e+14 FLOPs); re-run on the process-major mesh (each host's chips
+contiguous along data x fsdp): the same bytes and FLOPs to the byte, compiled in 605 s on the
+loaded machine:
     v5e:4x4 (16 chips, mesh fsdp=16), batch 512 x 8 passages, teacher online, bf16 compute:
     15.003 GiB per chip of 16 GiB -> fits=true, with 1 GiB to spare; arguments 160 MiB,
     temporaries 14.75 GiB, 3.28e+14 FLOPs per step (XLA cost analysis), compiled in 393 s
