@@ -40,6 +40,14 @@ LOGICAL_RULES = [
 ]
 
 
+def barrier(name: str) -> None:
+    """All processes meet here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(config, devices=None) -> Mesh:
     """A Mesh with axes ('data', 'fsdp', 'tensor') sized by `config.mesh` over `devices`
     (default: all devices of all processes), in the order of `device_grid`."""

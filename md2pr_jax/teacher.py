@@ -291,7 +291,6 @@ def score_in_chunks(scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, ch
     the caller's to remove (`clear_chunks`) once its own outputs are written.
     info: {chunks, resumed (chunks found written), scored_pairs (by this process), chunk}."""
     from md2pr_jax import artifacts
-    from md2pr_jax.rounds.runner import barrier
 
     pairs_q, pairs_d = np.asarray(pairs_q, np.int64), np.asarray(pairs_d, np.int64)
     n, chunk = len(pairs_q), int(chunk)
@@ -319,7 +318,7 @@ def score_in_chunks(scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, ch
         scored += b - a
         bar.update(b - a)
     bar.close()
-    barrier(f"{desc}: chunks written")
+    shd.barrier(f"{desc}: chunks written")
     out = np.zeros(n, np.float32)
     for c in range(n_chunks):
         a, b = c * chunk, min(n, (c + 1) * chunk)
@@ -327,7 +326,7 @@ def score_in_chunks(scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, ch
         out[a:b] = got["logits"]
         if attn_out is not None:
             attn_out[a:b] = got["attn"].view(ml_dtypes.bfloat16)
-    barrier(f"{desc}: chunks read")
+    shd.barrier(f"{desc}: chunks read")
     return out, {"chunks": n_chunks, "resumed": resumed, "scored_pairs": scored, "chunk": chunk}
 
 

@@ -33,9 +33,9 @@ class Tokens:
         rows = np.asarray(rows)[:, None]
         return ((rows * 7 + np.arange(8)) % 5000 + 1000).astype(np.int32), np.ones((len(rows), 8), np.int32)
 
-    def doc_tokens(self, rows):
-        rows = np.asarray(rows)[:, None]
-        return ((rows * 13 + np.arange(16)) % 5000 + 1000).astype(np.int32), np.ones((len(rows), 16), np.int32)
+    def doc_tokens(self, rows, max_len=None):
+        rows, n = np.asarray(rows)[:, None], max_len or 16
+        return ((rows * 13 + np.arange(n)) % 5000 + 1000).astype(np.int32), np.ones((len(rows), n), np.int32)
 
 
 def setup():

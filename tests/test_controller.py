@@ -294,7 +294,7 @@ def test_hybrid_weight_from_dev_takes_the_sweeps_best_and_labels_with_it(tmp_pat
     artifacts.write_json(layout.result_file("rerank"), sweep)
     docs = ["vitamin d and bone fractures", "aspirin after stroke", "yeast heat shock genes", "bone density in adults"]
     queries = ["vitamin d bone", "stroke aspirin"]
-    ctx = types.SimpleNamespace(config=config, layout=layout,
+    ctx = types.SimpleNamespace(config=config, layout=layout, main=False,
                                 dataset=types.SimpleNamespace(doc_texts=docs, query_texts=queries))
     q, d = np.array([0, 0, 0, 1, 1]), np.array([0, 3, 2, 1, 0])
     logits = np.array([0.5, -0.2, 0.1, 1.0, -1.0], np.float32)

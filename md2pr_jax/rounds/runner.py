@@ -13,20 +13,12 @@ from __future__ import annotations
 import json
 import time
 
-import jax
 from absl import logging
 
 from md2pr_jax import artifacts, report
+from md2pr_jax.sharding import barrier
 from md2pr_jax.layout import ROUND_STAGES, round_stage
 from md2pr_jax.rounds import stages
-
-
-def barrier(name: str) -> None:
-    """All processes meet here (a no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class Runner:
