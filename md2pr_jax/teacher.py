@@ -59,6 +59,20 @@ def teacher_state_shardings(config, mesh, teacher: nn.Module, tx: optax.Gradient
     return shd.logical_shardings(jax.eval_shape(boxed, jax.random.PRNGKey(0)), mesh)
 
 
+def abstract_teacher_state(config, mesh, teacher: nn.Module, tx: optax.GradientTransformation) -> TrainState:
+    """The teacher's TrainState as ShapeDtypeStructs carrying their shardings on `mesh` (the
+    input spec of the fine-tuning step for ahead-of-time compilation, as
+    `train.abstract_train_state` is the student's)."""
+
+    def unboxed(rng):
+        params = nn.unbox(init_teacher_boxed(teacher, config, rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    shapes = jax.eval_shape(unboxed, jax.random.PRNGKey(0))
+    shardings = teacher_state_shardings(config, mesh, teacher, tx)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def create_teacher_state(config, mesh, params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """The teacher's TrainState from host params, created on `shardings`."""
     rng = shd.put_global(np.asarray(jax.random.PRNGKey(derive_seed(config, "teacher_state"))), shd.replicated(mesh))
@@ -158,6 +172,25 @@ def process_batch_size(config) -> int:
     return max(1, int(config.teacher_train.score_batch_size) // jax.process_count())
 
 
+def score_fn(config, teacher: nn.Module, mesh: Mesh, attention_layers: tuple[int, ...] = ()):
+    """The jitted scoring function `(params, batch) -> (logits [B, 1], attention or None)` that
+    `PairScorer` calls on `mesh`: `teacher_forward` with the params on their shardings and the
+    batch (q_ids, q_mask [B, Lq]; p_ids, p_mask [B, 1, teacher_passage_len]) split along the
+    mesh's batch axes. Also what benchmarks/pod_plan.py compiles for a TPU topology."""
+    from md2pr_jax.train.state import teacher_param_shardings
+
+    rows = shd.batch_sharding(mesh)
+    window = int(config.data.max_passage_len)
+    layers = tuple(attention_layers)
+
+    def fn(p, batch):
+        with shd.activation_context(mesh):
+            return teacher_forward(teacher, p, batch, layers, 1, mesh, window=window)
+
+    p_shardings = teacher_param_shardings(config, mesh, teacher)
+    return jax.jit(fn, in_shardings=(p_shardings, rows), out_shardings=rows)
+
+
 class PairScorer:
     """Scores (query row, doc row) pairs with the frozen teacher on this process's devices
     (`scoring_mesh`), in fixed-size jitted batches split over those devices. The params are
@@ -171,7 +204,7 @@ class PairScorer:
 
     def __init__(self, config, teacher: nn.Module, params: Any, dataset, mesh: Mesh | None = None,
                  batch_size: int = 64, attention_layers: tuple[int, ...] = ()):
-        from md2pr_jax.train.state import place_teacher_params, teacher_param_shardings
+        from md2pr_jax.train.state import place_teacher_params
 
         mesh = scoring_mesh(config) if mesh is None else mesh
         if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
@@ -183,14 +216,7 @@ class PairScorer:
         self.params = place_teacher_params(config, mesh, params, teacher=teacher)
         self._rows = shd.batch_sharding(mesh)
         self.passage_len = teacher_passage_len(config)
-        window = int(config.data.max_passage_len)
-
-        def fn(p, batch):
-            with shd.activation_context(mesh):
-                return teacher_forward(teacher, p, batch, self.layers, 1, mesh, window=window)
-
-        p_shardings = teacher_param_shardings(config, mesh, teacher)
-        self._fn = jax.jit(fn, in_shardings=(p_shardings, self._rows), out_shardings=self._rows)
+        self._fn = score_fn(config, teacher, mesh, self.layers)
 
     def _batches(self, q_rows: np.ndarray, d_rows: np.ndarray) -> Iterator[tuple[int, dict]]:
         n = len(q_rows)

@@ -72,6 +72,15 @@ class CallableTokens:
 _JITTED: dict[tuple[str, str], Callable] = {}
 
 
+def local_shardings(devices) -> tuple:
+    """(replicated, rows): the NamedShardings `ShardedApply` uses over `devices` (a 1-D mesh
+    'batch'): params replicated on every device, a batch's rows split across them."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(list(devices), dtype=object), ("batch",))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+
+
 class ShardedApply:
     """(ids [B, L], mask [B, L]) -> emb [B, D] float32, each batch split over this process's
     local devices (a 1-D mesh over `jax.local_devices()`), the params replicated on them once.
@@ -81,13 +90,10 @@ class ShardedApply:
     a multiple of the device count when it is not one (`encode` picks batch sizes that are)."""
 
     def __init__(self, run: Callable, params, devices=None):
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
         devices = list(jax.local_devices() if devices is None else devices)
         self.num_devices = len(devices)
-        mesh = Mesh(np.asarray(devices, dtype=object), ("batch",))
-        self.rows = NamedSharding(mesh, PartitionSpec("batch"))
-        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        replicated, self.rows = local_shardings(devices)
+        self.params = jax.device_put(params, replicated)
         self.run = run
 
     def __call__(self, ids, mask) -> jax.Array:
@@ -108,6 +114,13 @@ def student_apply_fn(student, params, tower: str = "passage", devices=None) -> S
     function is shared by every call with an equal module, so one compile per bucket shape
     serves every checkpoint and every round.
     """
+    return ShardedApply(tower_fn(student, tower), params, devices)
+
+
+def tower_fn(student, tower: str = "passage") -> Callable:
+    """The jitted `(params, ids [B, L], mask [B, L]) -> emb [B, D] float32` of one tower of a
+    DualEncoder, shared by every call with an equal module (what `student_apply_fn` wraps, and
+    what benchmarks/pod_plan.py compiles for a TPU topology)."""
     if tower not in ("query", "passage"):
         raise ValueError(f"tower must be 'query' or 'passage', got {tower!r}")
     key = (repr(student), tower)  # linen modules holding dicts are not hashable; repr is their config
@@ -120,7 +133,7 @@ def student_apply_fn(student, params, tower: str = "passage", devices=None) -> S
             return emb.astype(jnp.float32)
 
         _JITTED[key] = run
-    return ShardedApply(_JITTED[key], params, devices)
+    return _JITTED[key]
 
 
 def bucket_lengths(max_len: int, step: int = 32) -> list[int]:
