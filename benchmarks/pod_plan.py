@@ -12,9 +12,9 @@ and the dataset's sizes) and its projected time on the topology:
 * chips: XLA's FLOPs of the REAL compiled functions, compiled for the topology on libtpu's
   compile-only devices (`aot.topology_devices`): the student's train step
   (`aot.compile_step`), the teacher's fine-tuning step (`teacher.make_teacher_train_step`),
-  the teacher's scoring function (`teacher.score_fn`, at the pod's per-process batch on one
-  host's chips) and the two encoder towers (`encode.tower_fn`, at retrieval.encode_batch_size
-  on one host's chips). Time = FLOPs / (chips x peak bf16 FLOP/s x utilisation). The figures
+  the teacher's scoring function (`teacher.score_fn`, at the pod's per-process batch) and the
+  two encoder towers (`encode.tower_fn`, at retrieval.encode_batch_size), these three on one
+  host's chips (the one-host slice of the generation, `host_topology`), as they run. Time = FLOPs / (chips x peak bf16 FLOP/s x utilisation). The figures
   are cached in a JSON beside the output (`--flops-cache`; the train step alone compiles for
   7-10 minutes here), keyed by the config values that shape them, so re-running the plan with
   other host throughputs or another utilisation is instant.
@@ -212,10 +212,16 @@ def _figures(compiled, devices: int, items: int, item: str, seconds: float, **ex
             "bytes_per_chip": mem["total"], "compile_s": round(seconds, 1), **extra}
 
 
-def host_devices(devices: list) -> list:
-    """The chips of one host (the lowest process index) of a topology's devices."""
-    first = min(d.process_index for d in devices)
-    return [d for d in devices if d.process_index == first]
+def host_topology(topology: str) -> str:
+    """The one-host slice of a topology's generation (4 chips: v5e:2x2, v4:2x2x1): what one
+    host of a multi-host slice holds. The functions that run on one host's chips (scoring,
+    encoding) compile on it: libtpu does not compile collectives over a subset of a bigger
+    compile-only topology's devices (it aborts on the device ids of the teacher's fsdp
+    all-gather), and one host's program is the same either way."""
+    from md2pr_jax.aot import parse_topology
+
+    generation, dims = parse_topology(topology)
+    return f"{generation}:2x2" + ("x1" if len(dims) == 3 else "")
 
 
 def compile_function(name: str, config, devices: list) -> dict[str, Any]:
@@ -233,7 +239,10 @@ def compile_function(name: str, config, devices: list) -> dict[str, Any]:
     config = config.copy_and_resolve_references()
     config.student.init = config.teacher.init = ""  # shapes only
     hosts = len({d.process_index for d in devices})
-    local = host_devices(devices)
+    host_topo = host_topology(config.aot.topology)
+    local = aot.topology_devices(host_topo) if name in ("encode_query", "encode_passage", "teacher_score") else []
+    if local and len({d.process_index for d in local}) != 1:
+        raise RuntimeError(f"{host_topo} spans {len({d.process_index for d in local})} hosts; expected one")
     lq, lp, lt = int(config.data.max_query_len), int(config.data.max_passage_len), teacher_passage_len(config)
     t0 = time.perf_counter()
     if name == "train_step":
@@ -257,7 +266,7 @@ def compile_function(name: str, config, devices: list) -> dict[str, Any]:
         ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
         compiled = tower_fn(student, tower).lower(params, ids, ids).compile()
         return _figures(compiled, len(local), batch, "text", time.perf_counter() - t0, tokens=length,
-                        source=f"encode.tower_fn({tower!r}) on one host's {len(local)} chips, batch {batch}")
+                        source=f"encode.tower_fn({tower!r}) on {host_topo} (one host's {len(local)} chips), batch {batch}")
     teacher = teacher_from_config(config)
     if name == "teacher_score":
         from md2pr_jax.teacher import score_fn, scoring_mesh
@@ -273,7 +282,7 @@ def compile_function(name: str, config, devices: list) -> dict[str, Any]:
         x = {k: jax.ShapeDtypeStruct(v[0], jnp.int32, sharding=rows) for k, v in x.items()}
         compiled = score_fn(config, teacher, mesh).lower(abstract_teacher_params(config, mesh, teacher), x).compile()
         return _figures(compiled, len(local), batch, "pair", time.perf_counter() - t0, tokens=lq + lt,
-                        source=f"teacher.score_fn on one host's {len(local)} chips (mesh {dict(mesh.shape)}), "
+                        source=f"teacher.score_fn on {host_topo} (one host's {len(local)} chips, mesh {dict(mesh.shape)}), "
                                f"batch {batch} = score_batch_size / {hosts} processes")
     if name == "teacher_train_step":
         from md2pr_jax.teacher import abstract_teacher_state, make_teacher_train_step
@@ -487,8 +496,8 @@ def memory_components(config, work: dict, pod: Pod, rehearsal: dict, assumptions
     tokens = assumptions["mean_passage_tokens"]
     comp = {
         "doc_texts": {"gb": work["passages"] * assumptions["bytes_per_passage_text"] / GB,
-                      "how": f"{work['passages']:,} passages x {assumptions['bytes_per_passage_text']} B "
-                             "(text + Python str overhead); every host, for BM25"},
+                      "how": f"{work['passages']:,} passages x {assumptions['bytes_per_passage_text']} B, the flat "
+                             "UTF-8 table (memory-mapped), read whole by the BM25 build; every host"},
         "doc_tokens": {"gb": work["passages"] * tokens * 4 / GB,
                        "how": f"{work['passages']:,} x {tokens} tokens (assumed mean) x int32, memory-mapped; every host"},
         "corpus_emb_shard": {"gb": shard * dim * 4 / GB, "how": f"{shard:,} passages (1/{pod.hosts}) x {dim} x float32"},
@@ -522,7 +531,7 @@ def memory_components(config, work: dict, pod: Pod, rehearsal: dict, assumptions
 
 
 def _mem(comp: dict, *names: str) -> float:
-    return round(sum(comp[n]["gb"] for n in names), 2)
+    return round(sum(comp[n]["gb"] for n in dict.fromkeys(names)), 2)
 
 
 def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, comp: dict) -> list[dict]:
@@ -530,69 +539,77 @@ def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, com
     P, Q, D = work["passages"], work["train_queries"], work["dev_queries"]
     shard = math.ceil(P / pod.hosts)
     texts = ("doc_texts", "doc_tokens")
+    resident: list[str] = []
+
+    def mem(*names: str) -> float:
+        return _mem(comp, *resident, *names)
+
     S: list[dict] = []
     S.append(host_stage("prepare", "prepare", {"passages": P, "queries": Q + D}, P, "prepare", rehearsal, pod,
-                        split=False, memory_gb=_mem(comp, *texts)))
+                        split=False, memory_gb=mem(*texts)))
+    # From the baselines on, each process keeps its BM25 index loaded (stages._BM25).
+    resident.append("bm25_index")
+
     # round 0: baselines
     S.append(host_stage("bm25_index", "baselines", {"passages": P}, P, "bm25_index", rehearsal, pod, split=False,
-                        memory_gb=_mem(comp, *texts, "bm25_index")))
+                        memory_gb=mem(*texts, "bm25_index")))
     S.append(host_stage("bm25_search_dev", "baselines", {"queries": D, "depth": work["eval_depth"]}, D,
-                        "bm25_search", rehearsal, pod, split=True, corpus=P, memory_gb=_mem(comp, *texts, "bm25_index")))
+                        "bm25_search", rehearsal, pod, split=True, corpus=P, memory_gb=mem(*texts, "bm25_index")))
     S.append(host_stage("bm25_search_train", "baselines", {"queries": Q, "depth": work["negative_pool"] + 8}, Q,
-                        "bm25_search", rehearsal, pod, split=True, corpus=P, memory_gb=_mem(comp, *texts, "bm25_index")))
-    enc_mem = _mem(comp, "doc_tokens", "corpus_emb_shard", "student_params")
+                        "bm25_search", rehearsal, pod, split=True, corpus=P, memory_gb=mem(*texts, "bm25_index")))
+    enc_mem = mem("doc_tokens", "corpus_emb_shard", "student_params")
     S.append(compute_stage("encode_corpus_r0", "baselines", {"passages": P}, P, "encode_passage", flops, pod, enc_mem))
     S.append(compute_stage("encode_queries_r0", "baselines", {"queries": Q + D}, Q + D, "encode_query", flops, pod,
-                           _mem(comp, "corpus_emb_shard", "train_query_emb")))
-    idx_mem = _mem(comp, "corpus_emb_shard", "scann_index_shard", "train_query_emb")
+                           mem("corpus_emb_shard", "train_query_emb")))
+    idx_mem = mem("corpus_emb_shard", "scann_index_shard", "train_query_emb")
     for tag, queries, depth in (("eval_r0", D, work["eval_depth"]), ("pool_r0", Q, work["negative_pool"])):
         S.append(host_stage(f"scann_build_{tag}", "baselines", {"passages_per_host": shard, "depth": depth}, shard * pod.hosts,
                             "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
         S.append(host_stage(f"scann_search_{tag}", "baselines", {"queries": queries, "depth": depth}, queries,
                             "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem))
     S.append(host_stage("mining_pool_r0", "baselines", {"queries": Q, "depth": work["negative_pool"]}, Q, "mining",
-                        rehearsal, pod, split=False, memory_gb=_mem(comp, "train_query_emb", "mining_lists")))
+                        rehearsal, pod, split=False, memory_gb=mem("train_query_emb", "mining_lists")))
     # round 0: teacher and rerank
     if work["teacher_steps"]:
         S.append(compute_stage("teacher_train", "teacher",
                                {"steps": work["teacher_steps"] * work["teacher_folds"], "lists": work["teacher_lists"],
                                 "batch": int(config.teacher_train.batch_size)},
                                work["teacher_steps"] * work["teacher_folds"], "teacher_train_step", flops, pod,
-                               _mem(comp, "doc_tokens", "teacher_params")))
+                               mem("doc_tokens", "teacher_params")))
     if work["rerank_pairs"]:
         depth = int(config.teacher_train.rerank_depth)
         S.append(host_stage("bm25_search_rerank", "rerank", {"queries": D, "depth": depth}, D, "bm25_search",
-                            rehearsal, pod, split=True, corpus=P, memory_gb=_mem(comp, *texts, "bm25_index")))
+                            rehearsal, pod, split=True, corpus=P, memory_gb=mem(*texts, "bm25_index")))
         S.append(compute_stage("teacher_score_rerank", "rerank", {"pairs": work["rerank_pairs"]}, work["rerank_pairs"],
-                               "teacher_score", flops, pod, _mem(comp, "doc_tokens", "teacher_params")))
+                               "teacher_score", flops, pod, mem("doc_tokens", "teacher_params")))
         S.append(host_stage("bm25_pair_scores_rerank", "rerank", {"pairs": work["rerank_pairs"]}, work["rerank_pairs"],
                             "bm25_pair_scores", rehearsal, pod, split=False,
-                            memory_gb=_mem(comp, *texts, "bm25_index")))
+                            memory_gb=mem(*texts, "bm25_index")))
     for r in range(1, work["rounds"] + 1):
         rs = f"rounds/r{r:02d}"
         S.append(compute_stage(f"r{r}_encode_queries", f"{rs}/mine", {"queries": Q}, Q, "encode_query", flops, pod,
-                               _mem(comp, "corpus_emb_shard", "train_query_emb")))
+                               mem("corpus_emb_shard", "train_query_emb")))
         S.append(host_stage(f"r{r}_scann_build", f"{rs}/mine", {"passages_per_host": shard, "depth": work["mine_depth"]},
                             shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
         S.append(host_stage(f"r{r}_scann_search", f"{rs}/mine", {"queries": Q, "depth": work["mine_depth"]}, Q,
                             "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem))
         S.append(host_stage(f"r{r}_mining", f"{rs}/mine", {"queries": Q, "depth": work["mine_depth"]}, Q, "mining",
-                            rehearsal, pod, split=False, memory_gb=_mem(comp, "train_query_emb", "mining_lists")))
+                            rehearsal, pod, split=False, memory_gb=mem("train_query_emb", "mining_lists")))
         S.append(compute_stage(f"r{r}_teacher_score", f"{rs}/score",
                                {"pairs": work["score_pairs"], "queries": Q, "depth": work["mine_depth"]},
                                work["score_pairs"], "teacher_score", flops, pod,
-                               _mem(comp, "doc_tokens", "teacher_params", "scores")))
+                               mem("doc_tokens", "teacher_params", "scores")))
         S.append(host_stage(f"r{r}_filter", f"{rs}/filter", {"queries": Q, "pairs": work["score_pairs"]}, Q, "filter",
-                            rehearsal, pod, split=False, memory_gb=_mem(comp, "scores", "mining_lists")))
+                            rehearsal, pod, split=False, memory_gb=mem("scores", "mining_lists")))
         S.append(compute_stage(f"r{r}_train", f"{rs}/train",
                                {"steps": work["student_steps"], "examples": work["student_examples"],
                                 "batch": int(config.train.batch_size)},
                                work["student_steps"], "train_step", flops, pod,
-                               _mem(comp, "doc_tokens", "teacher_params", "student_params")))
+                               mem("doc_tokens", "teacher_params", "student_params")))
         S.append(compute_stage(f"r{r}_encode_corpus", f"{rs}/eval", {"passages": P}, P, "encode_passage", flops, pod,
                                enc_mem))
         S.append(compute_stage(f"r{r}_encode_queries_dev", f"{rs}/eval", {"queries": D}, D, "encode_query", flops, pod,
-                               _mem(comp, "corpus_emb_shard")))
+                               mem("corpus_emb_shard")))
         S.append(host_stage(f"r{r}_scann_build_eval", f"{rs}/eval", {"passages_per_host": shard, "depth": work["eval_depth"]},
                             shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
         S.append(host_stage(f"r{r}_scann_search_eval", f"{rs}/eval", {"queries": D, "depth": work["eval_depth"]}, D,
@@ -682,7 +699,7 @@ def make_pod(topology: str, chips: int, hosts: int, utilisation: float, parallel
 def plan(config, pod: Pod, flops_cache: dict, rehearsal: dict, sizes: dict, total_budget_s: float = 4 * 3600,
          stage_budget_s: float = 3600, assumptions: dict | None = None) -> dict[str, Any]:
     """The whole plan (module doc) from its inputs; no compiling, no I/O."""
-    asm = {"mean_passage_tokens": 80, "bytes_per_passage_text": 390, "bm25_terms_per_passage": 35, **(assumptions or {})}
+    asm = {"mean_passage_tokens": 80, "bytes_per_passage_text": 340, "bm25_terms_per_passage": 35, **(assumptions or {})}
     work = pipeline_work(config, sizes)
     flops = flops_cache["functions"]
     comp = memory_components(config, work, pod, rehearsal, asm)

@@ -145,6 +145,11 @@ def test_memory_per_host_and_total(config, tmp_path):
     assert comp["bm25_index"]["gb"] == pytest.approx(8_841_823 / 2_000_000, rel=1e-3)
     assert result["memory"]["total_gb"] == pytest.approx(4 * result["memory"]["peak_per_host_gb"], rel=1e-6)
     assert result["memory"]["peak_per_host_gb"] == max(s["host_memory_gb"] for s in result["stages"])
+    # every process keeps its BM25 index loaded from the baselines on: in the filter's memory, not in prepare's
+    parts = ("scores", "mining_lists", "bm25_index")
+    assert _stage(result, "r1_filter")["host_memory_gb"] == pytest.approx(sum(comp[p]["gb"] for p in parts), abs=0.01)
+    assert _stage(result, "prepare")["host_memory_gb"] == pytest.approx(
+        comp["doc_texts"]["gb"] + comp["doc_tokens"]["gb"], abs=0.01)
 
 
 def test_flops_cache_is_keyed_by_the_config(config, tmp_path):
