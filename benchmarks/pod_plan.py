@@ -403,7 +403,9 @@ def load_rehearsal(path: str) -> dict[str, Any]:
 
 
 def rehearsal_stage(rehearsal: dict, kind: str) -> dict | None:
-    for name in HOST_KINDS[kind].rehearsal:
+    """The rehearsal's stage measuring host work `kind`: the one --rehearsal-map names, else
+    the first of HOST_KINDS[kind].rehearsal the rehearsal has."""
+    for name in (*rehearsal.get("map", {}).get(kind, ()), *HOST_KINDS[kind].rehearsal):
         if name in rehearsal["stages"]:
             return rehearsal["stages"][name]
     return None
@@ -808,6 +810,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-compile", action="store_true", help="fail instead of compiling what the cache lacks")
     ap.add_argument("--functions", default=",".join(FUNCTIONS), help="compile only these (comma list)")
     ap.add_argument("--compile-only", action="store_true", help="fill the FLOPs cache and stop (no plan)")
+    ap.add_argument("--rehearsal-map", default="",
+                    help="host kind=rehearsal stage name, comma list (e.g. mining=mine_bookkeeping); kinds: "
+                         + ", ".join(HOST_KINDS))
     ap.add_argument("--sizes", default="", help="dataset counts, e.g. passages=21015324,train_queries=58880,...")
     ap.add_argument("--total-budget-h", type=float, default=4.0)
     ap.add_argument("--stage-budget-h", type=float, default=1.0)
@@ -831,6 +836,12 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--functions: unknown {unknown}; known: {', '.join(FUNCTIONS)}")
     rehearsal = None if args.compile_only else load_rehearsal(args.rehearsal)
+    for kv in filter(None, args.rehearsal_map.split(",")):
+        kind, _, stage = kv.partition("=")
+        if kind not in HOST_KINDS or not stage:
+            raise SystemExit(f"--rehearsal-map {kv!r}: expected KIND=STAGE with KIND one of {', '.join(HOST_KINDS)}")
+        if rehearsal is not None:
+            rehearsal.setdefault("map", {})[kind] = (stage,)
     cache = flops_table(config, topology, cache_path, args.train_aot, not args.no_compile, functions)
     if "hosts" not in cache:  # the compile-only topology's process count
         try:

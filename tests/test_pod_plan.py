@@ -137,6 +137,14 @@ def test_unmeasured_host_stage_is_not_guessed(config, tmp_path):
     assert "REHEARSAL IS A STAND-IN" in pp.format_table(result)
 
 
+def test_rehearsal_map_names_another_stage(config, tmp_path):
+    reh = _rehearsal(tmp_path, drop=("filter",))
+    reh["stages"]["filter_round_v2"] = {"name": "filter_round_v2", "items": 10, "wall_s": 1.0, "items_per_s": 10.0}
+    reh["map"] = {"filter": ("filter_round_v2",)}
+    row = _stage(_plan(config, reh), "r1_filter")
+    assert row["projected_s"] == pytest.approx(502_939 / 10.0) and "filter_round_v2" in row["basis"]
+
+
 def test_memory_per_host_and_total(config, tmp_path):
     result = _plan(config, _rehearsal(tmp_path))
     comp = result["memory"]["components_per_host_gb"]
