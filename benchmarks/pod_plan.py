@@ -28,7 +28,7 @@ and the dataset's sizes) and its projected time on the topology:
   (`SIZE_EXPONENT`).
 
 Writes JSON (default benchmarks/results/pod_plan_<config>_<topology>.json):
-`{config, topology, chips, hosts, assumptions, flops, stages: [{name, pipeline_stage, work,
+`{config, topology, chips, hosts, assumptions, flops, flops_checks, stages: [{name, pipeline_stage, work,
 projected_s, host_memory_gb, basis, ...}], pipeline_stages, memory, total_projected_s,
 budget}` and prints a table. The goal: the 2 rounds in <= 4 h, no stage over 1 h; a stage
 over it carries a `note` saying why and what would fix it.
@@ -698,6 +698,34 @@ def make_pod(topology: str, chips: int, hosts: int, utilisation: float, parallel
                host_ram_gb or g["host_ram_gb"], parallel_efficiency)
 
 
+def flops_checks(config, flops: dict) -> dict[str, Any]:
+    """Cross-checks of XLA's counts against each other: the teacher's fine-tuning step per pair
+    over its scoring forward per pair (forward + backward is ~3x the forward by hand; more with
+    remat recomputation), and the student's step against a hand count from the compiled parts
+    (student forward x 3 over its passages and queries, plus the online teacher forward over the
+    word level's candidates). Ratios below the hand count mean XLA's cost analysis counts less
+    than the hand rule, so the compute stages may be optimistic by about that much."""
+    from md2pr_jax.train.step import word_candidates
+
+    out: dict[str, Any] = {}
+    f = {k: v["flops_per_item"] for k, v in flops.items()}
+    tc = config.teacher_train
+    if {"teacher_train_step", "teacher_score"} <= set(f):
+        pairs = int(tc.batch_size) * (1 + int(tc.num_negatives))
+        out["teacher_train_step_over_forward"] = round(f["teacher_train_step"] / (pairs * f["teacher_score"]), 3)
+    if {"train_step", "encode_passage", "encode_query", "teacher_score"} <= set(f):
+        b, c = int(config.train.batch_size), 1 + int(config.data.num_negatives)
+        online = config.loss.teacher_mode == "online" and config.loss.use_word
+        hand = 3 * (b * c * f["encode_passage"] + b * f["encode_query"])
+        hand += b * word_candidates(config, c) * f["teacher_score"] if online else 0.0
+        out["train_step_hand_count"] = hand
+        out["train_step_over_hand_count"] = round(f["train_step"] / hand, 3)
+    out["reading"] = ("forward + backward is ~3x the forward by hand (4x with remat recomputing it); ratios below "
+                      "that mean XLA's cost analysis counts fewer FLOPs than the hand rule, and the compute stages "
+                      "are optimistic by up to that factor")
+    return out
+
+
 def plan(config, pod: Pod, flops_cache: dict, rehearsal: dict, sizes: dict, total_budget_s: float = 4 * 3600,
          stage_budget_s: float = 3600, assumptions: dict | None = None) -> dict[str, Any]:
     """The whole plan (module doc) from its inputs; no compiling, no I/O."""
@@ -739,6 +767,7 @@ def plan(config, pod: Pod, flops_cache: dict, rehearsal: dict, sizes: dict, tota
         },
         "flops": {k: {kk: v[kk] for kk in ("flops_per_item", "item", "items_per_call", "devices", "bytes_per_chip",
                                            "compile_s", "source") if kk in v} for k, v in flops.items()},
+        "flops_checks": flops_checks(config, flops),
         "stages": stages,
         "pipeline_stages": result["pipeline_stages"],
         "memory": {"components_per_host_gb": comp, "peak_per_host_gb": peak, "total_gb": round(peak * pod.hosts, 2),

@@ -177,6 +177,17 @@ def test_flops_cache_is_keyed_by_the_config(config, tmp_path):
         "flops_per_item"] == 3e14
 
 
+def test_flops_checks_compare_xla_counts_with_the_hand_rule(config):
+    # a fine-tuning step of exactly 3 forwards per pair, and a train step at half the hand count
+    fpi = dict(FPI, teacher_train_step=3 * 128 * 8 * FPI["teacher_score"])
+    hand = 3 * (512 * 8 * FPI["encode_passage"] + 512 * FPI["encode_query"]) + 512 * 2 * FPI["teacher_score"]
+    fpi["train_step"] = hand / 2
+    checks = pp.flops_checks(config, _flops(**fpi)["functions"])
+    assert checks["teacher_train_step_over_forward"] == pytest.approx(3.0)
+    assert checks["train_step_hand_count"] == pytest.approx(hand)
+    assert checks["train_step_over_hand_count"] == pytest.approx(0.5)
+
+
 def test_bad_inputs_raise_clear_errors(config, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stages": [{"name": "filter"}]}))
