@@ -14,10 +14,12 @@ and the dataset's sizes) and its projected time on the topology:
   (`aot.compile_step`), the teacher's fine-tuning step (`teacher.make_teacher_train_step`),
   the teacher's scoring function (`teacher.score_fn`, at the pod's per-process batch) and the
   two encoder towers (`encode.tower_fn`, at retrieval.encode_batch_size), these three on one
-  host's chips (the one-host slice of the generation, `host_topology`), as they run. Time = FLOPs / (chips x peak bf16 FLOP/s x utilisation). The figures
-  are cached in a JSON beside the output (`--flops-cache`; the train step alone compiles for
-  7-10 minutes here), keyed by the config values that shape them, so re-running the plan with
-  other host throughputs or another utilisation is instant.
+  host's chips (the one-host slice of the generation, `host_topology`), as they run.
+  Time = FLOPs / (chips x peak bf16 FLOP/s x utilisation). The figures are cached in a JSON
+  beside the output (`--flops-cache`; the train step alone compiles for 7-10 minutes here),
+  keyed by the config values that shape them, so re-running the plan with other host
+  throughputs or another utilisation is instant (`--no-compile` makes a missing figure an
+  error; `--train-aot` takes the train step from a `--mode aot` report).
 * hosts: the throughputs a rehearsal measured on this 2-core CPU
   (benchmarks/results/scale_rehearsal.json: stages [{name, items, wall_s, items_per_s,
   peak_rss_gb}]), scaled to the pod host's vCPUs at a stated parallel efficiency where the
@@ -25,12 +27,13 @@ and the dataset's sizes) and its projected time on the topology:
   share where the code splits the work across processes (BM25 queries, the corpus shards of
   ScaNN), the whole where each host repeats it (data preparation, the BM25 index, the filter).
   Throughputs measured on a smaller corpus are scaled to the corpus each host searches
-  (`SIZE_EXPONENT`).
+  (`HostKind.size_exponent`); `--rehearsal-map` names a rehearsal stage for a host kind.
+  A host kind the rehearsal lacks is left unprojected (and the total is then a lower bound).
 
 Writes JSON (default benchmarks/results/pod_plan_<config>_<topology>.json):
-`{config, topology, chips, hosts, assumptions, flops, flops_checks, stages: [{name, pipeline_stage, work,
-projected_s, host_memory_gb, basis, ...}], pipeline_stages, memory, total_projected_s,
-budget}` and prints a table. The goal: the 2 rounds in <= 4 h, no stage over 1 h; a stage
+`{config, topology, chips, hosts, assumptions, flops, flops_checks, stages: [{name,
+pipeline_stage, work, projected_s, host_memory_gb, basis, ...}], pipeline_stages, memory,
+total_projected_s, budget}` and prints a table. The goal: the 2 rounds in <= 4 h, no stage over 1 h; a stage
 over it carries a `note` saying why and what would fix it.
 """
 
