@@ -93,6 +93,7 @@ class HostKind:
     corpus_from: str = ""  # the kind whose rehearsal items give the corpus it ran on, when its own stage lacks `corpus`
     fix: str = ""  # what would shorten it, beyond more cores or hosts
     divisible: bool = True  # False: every host needs the whole result (the prepared data, the BM25 index)
+    per_dim: bool = False  # cost per item ~ the embedding dimension (scaled where the rehearsal stage has `dim`)
 
 
 HOST_KINDS: dict[str, HostKind] = {
@@ -116,11 +117,11 @@ HOST_KINDS: dict[str, HostKind] = {
                             "retrieval/index.py ScannIndex.build: k-means tree (sqrt(N) leaves) + AH, ScaNN's "
                             "training threads", 0.5, "scann_build",
                             fix="build once per round and reuse it for mining and evaluation; a training sample "
-                                "(retrieval.scann_* keys) instead of the whole shard"),
+                                "(retrieval.scann_* keys) instead of the whole shard", per_dim=True),
     "scann_search": HostKind(("scann_search", "ann_search"), True,
                              "retrieval/index.py search_batched_parallel: ScaNN's threads", 1.0, "scann_build",
                              fix="split the queries across hosts and search every shard's index (each host now "
-                                 "searches all queries on its shard), or fewer leaves to search"),
+                                 "searches all queries on its shard), or fewer leaves to search", per_dim=True),
     "mining": HostKind(("mining", "mine_bookkeeping", "mining_bookkeeping", "mine"), False,
                        "retrieval/mining.py exclude + merge_topk (numpy, Python loop per query), one thread",
                        fix="vectorise the per-query exclusion, and split the queries across hosts"),
@@ -451,12 +452,13 @@ def compute_stage(name: str, pipeline_stage: str, work: dict, items: float, fn: 
 
 
 def host_stage(name: str, pipeline_stage: str, work: dict, items: float, kind: str, rehearsal: dict, pod: Pod,
-               split: bool, corpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+               split: bool, corpus: float | None = None, memory_gb: float | None = None,
+               dim: int | None = None) -> dict[str, Any]:
     """A host stage: this host's share of `items` (items / hosts where the code splits the work
     across processes, all of them where every host repeats it) at the rehearsal's throughput,
     scaled to the host's vCPUs at the parallel efficiency where the code runs it on many
     threads, and to the corpus (`corpus`: rows this host's index holds) by the kind's
-    exponent against the rehearsal's corpus."""
+    exponent against the rehearsal's corpus, and (ScaNN) to the embedding dimension `dim`."""
     hk = HOST_KINDS[kind]
     per_host = math.ceil(items / pod.hosts) if split else items
     out = {"name": name, "pipeline_stage": pipeline_stage, "where": "hosts", "kind": kind,
@@ -477,7 +479,11 @@ def host_stage(name: str, pipeline_stage: str, work: dict, items: float, kind: s
     if hk.size_exponent and corpus and base:
         corpus_factor = (float(base) / float(corpus)) ** hk.size_exponent
         corpus_text = f", x{corpus_factor:.3g} for a {corpus:,.0f}-row corpus against its {float(base):,.0f} (^{hk.size_exponent:g})"
-    pod_rate = r * speedup * corpus_factor
+    dim_factor = 1.0
+    if hk.per_dim and dim and measured.get("dim"):
+        dim_factor = float(measured["dim"]) / float(dim)
+        corpus_text += f", x{dim_factor:.3g} for {dim}-dim embeddings against its {measured['dim']}"
+    pod_rate = r * speedup * corpus_factor * dim_factor
     threads = (f"scaled to {pod.host_vcpus} vCPUs at efficiency {pod.parallel_efficiency:g}" if hk.parallel
                else "one thread in the code: not scaled with cores")
     return {**out, "projected_s": per_host / pod_rate,
@@ -543,6 +549,7 @@ def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, com
     """Every piece of `--mode pipeline` in order (rounds/stages.py), chips and hosts."""
     P, Q, D = work["passages"], work["train_queries"], work["dev_queries"]
     shard = math.ceil(P / pod.hosts)
+    dim = int(config.student.bert.hidden_size)  # the embeddings ScaNN indexes (no projection head)
     texts = ("doc_texts", "doc_tokens")
     resident: list[str] = []
 
@@ -569,9 +576,9 @@ def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, com
     idx_mem = mem("corpus_emb_shard", "scann_index_shard", "train_query_emb")
     for tag, queries, depth in (("eval_r0", D, work["eval_depth"]), ("pool_r0", Q, work["negative_pool"])):
         S.append(host_stage(f"scann_build_{tag}", "baselines", {"passages_per_host": shard, "depth": depth}, shard * pod.hosts,
-                            "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
+                            "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem, dim=dim))
         S.append(host_stage(f"scann_search_{tag}", "baselines", {"queries": queries, "depth": depth}, queries,
-                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem))
+                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem, dim=dim))
     S.append(host_stage("mining_pool_r0", "baselines", {"queries": Q, "depth": work["negative_pool"]}, Q, "mining",
                         rehearsal, pod, split=False, memory_gb=mem("train_query_emb", "mining_lists")))
     # round 0: teacher and rerank
@@ -595,9 +602,9 @@ def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, com
         S.append(compute_stage(f"r{r}_encode_queries", f"{rs}/mine", {"queries": Q}, Q, "encode_query", flops, pod,
                                mem("corpus_emb_shard", "train_query_emb")))
         S.append(host_stage(f"r{r}_scann_build", f"{rs}/mine", {"passages_per_host": shard, "depth": work["mine_depth"]},
-                            shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
+                            shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem, dim=dim))
         S.append(host_stage(f"r{r}_scann_search", f"{rs}/mine", {"queries": Q, "depth": work["mine_depth"]}, Q,
-                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem))
+                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem, dim=dim))
         S.append(host_stage(f"r{r}_mining", f"{rs}/mine", {"queries": Q, "depth": work["mine_depth"]}, Q, "mining",
                             rehearsal, pod, split=False, memory_gb=mem("train_query_emb", "mining_lists")))
         S.append(compute_stage(f"r{r}_teacher_score", f"{rs}/score",
@@ -616,9 +623,9 @@ def build_stages(config, work: dict, flops: dict, rehearsal: dict, pod: Pod, com
         S.append(compute_stage(f"r{r}_encode_queries_dev", f"{rs}/eval", {"queries": D}, D, "encode_query", flops, pod,
                                mem("corpus_emb_shard")))
         S.append(host_stage(f"r{r}_scann_build_eval", f"{rs}/eval", {"passages_per_host": shard, "depth": work["eval_depth"]},
-                            shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem))
+                            shard * pod.hosts, "scann_build", rehearsal, pod, split=True, corpus=shard, memory_gb=idx_mem, dim=dim))
         S.append(host_stage(f"r{r}_scann_search_eval", f"{rs}/eval", {"queries": D, "depth": work["eval_depth"]}, D,
-                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem))
+                            "scann_search", rehearsal, pod, split=False, corpus=shard, memory_gb=idx_mem, dim=dim))
     return S
 
 
@@ -678,8 +685,11 @@ def apply_budget(stages: list[dict], pod: Pod, total_budget_s: float, stage_budg
         summary.append(entry)
     total = sum(s["projected_s"] for s in stages if s.get("projected_s") is not None)
     unprojected = [s["name"] for s in stages if s.get("projected_s") is None]
+    by_where = {w: sum(s["projected_s"] for s in stages if s["where"] == w and s.get("projected_s") is not None)
+                for w in ("chips", "hosts")}
     return {"pipeline_stages": summary, "total_projected_s": total,
             "budget": {"total_s": total_budget_s, "stage_s": stage_budget_s, "total_ok": total <= total_budget_s,
+                       "chips_s": by_where["chips"], "hosts_s": by_where["hosts"],
                        "stages_over": [e["name"] for e in summary if e.get("over_budget")],
                        "rows_over": [s["name"] for s in stages if s.get("over_budget")],
                        "unprojected_rows": unprojected,
@@ -809,6 +819,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{e['name']:<20} {_hms(e['projected_s']):>9}  {'OVER: ' + e['note'] if e.get('over_budget') else ''}"
                      + (f" (unprojected: {', '.join(e['unprojected_rows'])})" if e["unprojected_rows"] else ""))
     b = result["budget"]
+    lines.append(f"chips {_hms(b['chips_s'])} (XLA FLOPs), hosts {_hms(b['hosts_s'])} (rehearsal"
+                 + (", STAND-IN" if result["assumptions"]["rehearsal"]["stand_in"] else "") + ")")
     lines.append(f"total {_hms(result['total_projected_s'])} (budget {_hms(b['total_s'])}, no stage over "
                  f"{_hms(b['stage_s'])}): {b['verdict']}; peak host RAM {result['memory']['peak_per_host_gb']:.1f} GB "
                  f"of {result['memory']['host_ram_gb']:g} per host, {result['memory']['total_gb']:.1f} GB over all hosts")

@@ -105,6 +105,11 @@ def test_only_threaded_host_work_scales_with_cores(config, tmp_path):
     assert _stage(wide, "r1_scann_search")["projected_s"] == pytest.approx(
         _stage(base, "r1_scann_search")["projected_s"] / 2, rel=1e-12)
     assert _stage(wide, "r1_mining")["projected_s"] == _stage(base, "r1_mining")["projected_s"]
+    # ScaNN measured on 384-dim embeddings: the config's 768 take twice as long per item
+    reh["stages"]["scann_search"] = dict(reh["stages"]["scann_search"], dim=384)
+    assert _stage(_plan(config, reh), "r1_scann_search")["projected_s"] == pytest.approx(
+        2 * _stage(base, "r1_scann_search")["projected_s"], rel=1e-12)
+    del reh["stages"]["scann_search"]["dim"]
     half = _plan(config, reh, efficiency=0.25)
     assert _stage(half, "bm25_search_dev")["projected_s"] == pytest.approx(
         2 * _stage(base, "bm25_search_dev")["projected_s"], rel=1e-12)
@@ -122,6 +127,7 @@ def test_over_budget_stage_is_flagged_with_a_fix(config, tmp_path):
     fast = _plan(config, reh, flops=_flops(teacher_score=1e9, train_step=1e12, teacher_train_step=1e12))
     assert fast["budget"]["stages_over"] == [] and fast["budget"]["verdict"] == "within budget"
     assert fast["total_projected_s"] == pytest.approx(sum(s["projected_s"] for s in fast["stages"]))
+    assert fast["budget"]["chips_s"] + fast["budget"]["hosts_s"] == pytest.approx(fast["total_projected_s"])
     # a slow one-thread host stage names the missing parallelism
     serial = _plan(config, _rehearsal(tmp_path, rate=10.0))
     filt = _stage(serial, "r1_filter")
