@@ -211,7 +211,8 @@ def synthetic_msmarco(folder: str, passages: int, seed: int = 0) -> dict:
             f.writelines(f"{q}\t{t}\n" for q, t in zip(ids, texts(len(ids), 6, 2, 2, 20, "?")))
         with open(os.path.join(folder, f"qrels.{split}.tsv"), "w") as f:
             for q in ids:
-                f.writelines(f"{q}\t0\t{d}\t1\n" for d in rng.choice(passages, 1 + int(rng.random() < 0.06), replace=False))
+                judged = rng.choice(passages, 1 + int(rng.random() < 0.06), replace=False)
+                f.writelines(f"{q}\t0\t{d}\t1\n" for d in judged)
     return {"passages": passages, "train_queries": n_train, "dev_queries": n_dev}
 
 

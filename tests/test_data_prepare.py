@@ -232,7 +232,8 @@ def _lock_held(path: str) -> bool:
 
 def _prepared(cache: str) -> bool:
     folder = os.path.join(cache, "prepared")
-    return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, n, "meta.json")) for n in os.listdir(folder))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return any(os.path.exists(os.path.join(folder, n, "meta.json")) for n in names)
 
 
 if __name__ == "__main__":

@@ -457,62 +457,67 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(path))
-    specials = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    passage_len = stored_passage_len(config)
-    # The per-length encoders are made here, before any thread asks for them.
-    _encoder(tokenizer, int(d.max_query_len)), _encoder(tokenizer, passage_len)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="md2pr-tokenize") if threads > 1 else None
     try:
-        t = time.time()
-        StringTable.write(os.path.join(tmp, "query_ids"), query_ids)
-        StringTable.write(os.path.join(tmp, "query_texts"), query_texts)
-        q_tok = FlatWriter(os.path.join(tmp, "query_tokens"), np.int32)
-        chunks = (query_texts[s : s + _TOKENIZE_CHUNK] for s in range(0, len(query_texts), _TOKENIZE_CHUNK))
-        encode = functools.partial(_tokenize_flat, tokenizer, max_len=int(d.max_query_len), cls_id=specials[0])
-        for tokens, lengths in ordered_map(encode, chunks, pool, 2 * threads):
-            q_tok.add_flat(tokens, lengths)
-        q_tok.close()
-        t_queries = time.time() - t
+        specials = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        passage_len = stored_passage_len(config)
+        for max_len in (int(d.max_query_len), passage_len):  # the encoders are made before any thread asks
+            _encoder(tokenizer, max_len)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="md2pr-tokenize") if threads > 1 else None
+        try:
+            t = time.time()
+            StringTable.write(os.path.join(tmp, "query_ids"), query_ids)
+            StringTable.write(os.path.join(tmp, "query_texts"), query_texts)
+            q_tok = FlatWriter(os.path.join(tmp, "query_tokens"), np.int32)
+            chunks = (query_texts[s : s + _TOKENIZE_CHUNK] for s in range(0, len(query_texts), _TOKENIZE_CHUNK))
+            encode = functools.partial(_tokenize_flat, tokenizer, max_len=int(d.max_query_len), cls_id=specials[0])
+            for tokens, lengths in ordered_map(encode, chunks, pool, 2 * threads):
+                q_tok.add_flat(tokens, lengths)
+            q_tok.close()
+            t_queries = time.time() - t
 
-        t = time.time()
-        writers = [FlatWriter(os.path.join(tmp, name), dtype) for name, dtype in
-                   (("doc_ids", np.uint8), ("doc_texts", np.uint8), ("doc_tokens", np.int32))]
-        total = builders.num_records(build, "corpus")
-        work = functools.partial(_doc_chunk, build, keep, tokenizer, passage_len, specials[0])
-        starts = range(0, total, _TOKENIZE_CHUNK)
-        with tqdm(total=total, desc="preparing documents", unit="doc", disable=total < 4 * _TOKENIZE_CHUNK) as bar:
-            for chunk in ordered_map(work, ((s, min(s + _TOKENIZE_CHUNK, total)) for s in starts), pool, 2 * threads):
-                writers[0].add_flat(chunk.ids, chunk.id_lengths)
-                writers[1].add_flat(chunk.texts, chunk.text_lengths)
-                writers[2].add_flat(chunk.tokens, chunk.token_lengths)
-                bar.update(chunk.count)
-        for writer in writers:
-            writer.close()
-        t_docs = time.time() - t
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            t = time.time()
+            writers = [FlatWriter(os.path.join(tmp, name), dtype) for name, dtype in
+                       (("doc_ids", np.uint8), ("doc_texts", np.uint8), ("doc_tokens", np.int32))]
+            total = builders.num_records(build, "corpus")
+            work = functools.partial(_doc_chunk, build, keep, tokenizer, passage_len, specials[0])
+            spans = ((s, min(s + _TOKENIZE_CHUNK, total)) for s in range(0, total, _TOKENIZE_CHUNK))
+            with tqdm(total=total, desc="preparing documents", unit="doc", disable=total < 4 * _TOKENIZE_CHUNK) as bar:
+                for chunk in ordered_map(work, spans, pool, 2 * threads):
+                    writers[0].add_flat(chunk.ids, chunk.id_lengths)
+                    writers[1].add_flat(chunk.texts, chunk.text_lengths)
+                    writers[2].add_flat(chunk.tokens, chunk.token_lengths)
+                    bar.update(chunk.count)
+            for writer in writers:
+                writer.close()
+            t_docs = time.time() - t
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
-    with open(os.path.join(tmp, "judgements.json"), "w") as f:
-        json.dump({"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}, f)
-    with open(os.path.join(tmp, "bad_records.json"), "w") as f:
-        json.dump(build.bad_records, f, indent=1)
-    meta = {
-        "name": f"{d.builder}/{d.dataset}",
-        "key": key_fields,
-        "tfds_dir": build.data_dir,
-        "cls_id": specials[0],
-        "sep_id": specials[1],
-        "pad_id": specials[2],
-        "max_query_len": int(d.max_query_len),
-        "max_passage_len": int(d.max_passage_len),
-        "stored_passage_len": passage_len,
-        # Wall seconds of each part; tokenization overlaps reading and writing on the threads.
-        "seconds": {"read_queries": t_queries_read, "queries": t_queries, "documents": t_docs,
-                    "total": time.time() - t0, "threads": threads},
-    }
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, "judgements.json"), "w") as f:
+            judgements = {"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}
+            json.dump(judgements, f)
+        with open(os.path.join(tmp, "bad_records.json"), "w") as f:
+            json.dump(build.bad_records, f, indent=1)
+        meta = {
+            "name": f"{d.builder}/{d.dataset}",
+            "key": key_fields,
+            "tfds_dir": build.data_dir,
+            "cls_id": specials[0],
+            "sep_id": specials[1],
+            "pad_id": specials[2],
+            "max_query_len": int(d.max_query_len),
+            "max_passage_len": int(d.max_passage_len),
+            "stored_passage_len": passage_len,
+            # Wall seconds of each part; tokenization overlaps reading and writing on the threads.
+            "seconds": {"read_queries": t_queries_read, "queries": t_queries, "documents": t_docs,
+                        "total": time.time() - t0, "threads": threads},
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:  # a half-written folder is never left behind (at MS MARCO's size, GBs)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished the same preparation first
