@@ -121,6 +121,9 @@ def base_config() -> ConfigDict:
     # query. Every labelled positive still leaves the mined negatives. 0 = all.
     c.data.positives_per_query = 0
     c.data.num_workers = 0
+    # Threads tokenizing the corpus and queries when the dataset is prepared (0: the cores this
+    # process may use; 1: in the calling thread). The prepared files are the same for any value.
+    c.data.tokenize_threads = 0
     # >0: this many pseudo-queries cut from the corpus (data/pseudo.py), mined and scored by
     # the teacher in every round beside the training queries; train.pseudo trains on them.
     c.data.pseudo_queries = 0
@@ -309,6 +312,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     positive("teacher_train.folds", cfg.teacher_train.folds)
     positive("teacher_train.score_batch_size", cfg.teacher_train.score_batch_size)
     positive("teacher_train.score_chunk_size", cfg.teacher_train.score_chunk_size)
+    if not isinstance(cfg.data.tokenize_threads, int) or cfg.data.tokenize_threads < 0:
+        raise ConfigError(f"config.data.tokenize_threads must be an integer >= 0 (0: the cores this process may use), "
+                          f"got {cfg.data.tokenize_threads!r}")
     if cfg.retrieval.bm25_threads < 0:
         raise ConfigError("config.retrieval.bm25_threads must be >= 0 (0: the cores this process may use)")
     if cfg.data.pseudo_queries < 0:

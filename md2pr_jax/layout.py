@@ -213,8 +213,9 @@ class Layout:
 
 
 def prepare_dataset(config, layout: Layout):
-    """The prepared dataset of `config` in `layout.data_cache(config)` (process 0 builds, the
-    others load; on hosts that share no disk, each builds its own)."""
+    """The prepared dataset of `config` in `layout.data_cache(config)`: every process prepares
+    at once; processes sharing that folder take turns through its lock (one builds, the others
+    load), hosts that share no disk each build their own identical copy (data/prepare.py)."""
     from md2pr_jax.data import prepare_dataset as prepare
 
     local = config.copy_and_resolve_references()

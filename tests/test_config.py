@@ -24,6 +24,7 @@ def test_teacher_passage_length_rules():
 @pytest.mark.parametrize("key,value,match", [
     ("loss.word_temperature", 0.0, "word_temperature must be positive"),
     ("data.positives_per_query", -1, "positives_per_query and teacher.max_passage_len must be >= 0"),
+    ("data.tokenize_threads", -2, "tokenize_threads must be an integer >= 0"),
 ])
 def test_bad_values_are_named(key, value, match):
     c = base_config()

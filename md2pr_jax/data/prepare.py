@@ -16,11 +16,30 @@ the length asked for (the student's by default) and ends a cut passage with [SEP
 gives the same ids as tokenizing at that length. The teacher input is the concatenation of
 these same arrays (the model does it), so the student's passage tokens are the first tokens of
 the teacher's and positions align by construction.
+
+Several processes (a pod): every process prepares at once, nobody waits in a queue of hosts.
+The TFDS build and the prepared key are deterministic (the key hashes the builder, its version
+and the source files' listing, not a path or a time), so processes that each have their own
+cache folder (a pod: config.data.cache_dir or, for a bucket workdir, a folder under
+~/.cache/md2pr_jax on each host) build identical files side by side. Processes that share one
+cache folder (several processes on one machine; a local workdir's WORKDIR/data) take turns
+through a file lock in it (<cache_dir>/locks/<builder>.lock, flock): the first builds, the
+others wait on the lock, then load its result. A cache folder shared by several hosts needs a
+file system whose flock reaches every host (NFS does, gcsfuse does not); should two builds
+still meet, the prepared folder's rename keeps the first and drops the second.
+
+Tokenization runs on config.data.tokenize_threads threads (0: the cores this process may use;
+1: all in the calling thread), each taking a chunk of _TOKENIZE_CHUNK documents from reading the
+serialized records to the token ids; the Rust encoder releases the GIL, and the chunks are
+written back in order, so the files are the same whatever the number of threads.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -29,8 +48,9 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from absl import logging
@@ -39,7 +59,9 @@ from md2pr_jax.config import teacher_passage_len
 from md2pr_jax.data import builders
 
 PREPARED_VERSION = 3  # bump when the prepared layout or its content rules change
-_TOKENIZE_CHUNK = 2048
+_TOKENIZE_CHUNK = 2048  # documents (or queries) per unit of work of one thread
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,6 +85,12 @@ class FlatWriter:
         else:
             lengths = [len(r) for r in rows]
             self._file.write(np.fromiter(itertools.chain.from_iterable(rows), self.dtype, count=sum(lengths)).tobytes())
+        self._lengths.append(np.asarray(lengths, np.int64))
+
+    def add_flat(self, data: bytes | np.ndarray, lengths: np.ndarray) -> None:
+        """Rows already joined: `data` holds them back to back (raw bytes of `dtype`, or an
+        array of it), `lengths` their sizes in elements."""
+        self._file.write(data if isinstance(data, bytes) else np.ascontiguousarray(data, self.dtype).tobytes())
         self._lengths.append(np.asarray(lengths, np.int64))
 
     def close(self) -> None:
@@ -262,29 +290,55 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     """Builds or loads the prepared dataset for `config` (see the module docstring).
 
     `tokenizer` defaults to `md2pr_jax.hf.load_tokenizer(config)`; it must be a fast tokenizer
-    that adds [CLS] ... [SEP]. With several JAX processes sharing the cache folder, process 0
-    builds first and the others load its result (concurrent builds race on TFDS's rename).
+    that adds [CLS] ... [SEP]. With several JAX processes, each prepares at once into its cache
+    folder; those sharing one folder take turns through its lock, so one builds and the others
+    load its result (concurrent TFDS builds into one folder would race on its rename). No
+    process waits for another's build unless they share the folder, and no barrier is passed.
 
     Every process first checks the data dir (`fetch.ensure_data`: one process fetches a missing
     dataset into the local cache; several agree that each sees it, or all raise DataError), so
-    a missing dataset is one error everywhere rather than process 0 failing while the others
-    wait at the barrier below.
+    a missing dataset is one error everywhere rather than some processes failing while the
+    others go on to the next collective.
     """
-    import jax
-
     from md2pr_jax.data.fetch import ensure_data
 
     root = ensure_data(config)
     if root != config.data.dir:
         config = config.copy_and_resolve_references()
         config.data.dir = root
-    if jax.process_count() == 1:
+    with cache_lock(cache_dir(config, workdir), config.data.builder):
         return _prepare_dataset(config, workdir, tokenizer)
-    from jax.experimental import multihost_utils
 
-    result = _prepare_dataset(config, workdir, tokenizer) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("md2pr_prepare_dataset")
-    return result if result is not None else _prepare_dataset(config, workdir, tokenizer)
+
+@contextlib.contextmanager
+def cache_lock(root: str, name: str) -> Iterator[None]:
+    """Holds the exclusive lock <root>/locks/<name>.lock (flock) while the block runs: processes
+    sharing the cache folder `root` build in it one at a time. The kernel drops the lock when
+    its holder exits, a crash included. On a file system without flock, a warning and no lock."""
+    folder = os.path.join(root, "locks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("another process is preparing %s data in %s; waiting for it", name, root)
+            t = time.time()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            logging.info("waited %.1fs for the %s lock in %s", time.time() - t, name, root)
+        except OSError as e:  # e.g. ENOLCK: no locks on this file system
+            logging.warning("%s allows no file lock (%s): processes sharing it may build at once", folder, e)
+        yield  # closing the file releases the lock
+
+
+def tokenize_threads(config) -> int:
+    """config.data.tokenize_threads when positive, else the cores this process may run on."""
+    n = int(config.data.tokenize_threads)
+    if n > 0:
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
@@ -297,7 +351,7 @@ def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         tokenizer = load_tokenizer(config)
     key_fields = {
         "version": PREPARED_VERSION,
-        "build": _build_stamp(build.data_dir),
+        "build": _build_stamp(build),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_query_len": int(d.max_query_len),
         "max_passage_len": int(d.max_passage_len),
@@ -309,7 +363,7 @@ def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         "seed": int(config.seed),
     }
     stored = stored_passage_len(config)
-    if stored != int(d.max_passage_len):  # keyed only when it differs: older preparations stay valid
+    if stored != int(d.max_passage_len):  # keyed only when it differs
         key_fields["stored_passage_len"] = stored
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(root, "prepared", f"{d.builder}-{d.dataset}-{key}")
@@ -337,20 +391,45 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _build_stamp(data_dir: str) -> str:
-    """Changes whenever the TFDS build is redone (its source stamp is rewritten). The real
-    path, so a workdir whose data/ links to another's (the ablation's rows) reuses its
-    prepared folder instead of preparing a copy."""
-    st = os.stat(os.path.join(data_dir, "md2pr_source.json"))
-    return f"{os.path.realpath(data_dir)}:{st.st_mtime_ns}"
+def _build_stamp(build: builders.BuildResult) -> str:
+    """What the TFDS build's content depends on: the builder, its config and version, and its
+    source files ({path: [size, mtime or object generation]}, recorded beside the build). The
+    same on every host building from the same files (a bucket's, or one shared folder's), so
+    hosts preparing side by side agree on the prepared folder's name and bytes; a rebuild from
+    changed sources changes it, and a workdir whose data/ links to another's (the ablation's
+    rows) reuses its prepared folder. Without a recorded listing (a build made from no source
+    folder), the build's real path and time."""
+    stamp_path = os.path.join(build.data_dir, "md2pr_source.json")
+    with open(stamp_path) as f:
+        source = (json.load(f) or {}).get("source") or {}
+    if source.get("files"):
+        b = build.builder
+        fields = {"builder": b.name, "config": b.builder_config.name, "version": str(b.version), "source": source}
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return f"{os.path.realpath(build.data_dir)}:{os.stat(stamp_path).st_mtime_ns}"
+
+
+@dataclasses.dataclass
+class _DocChunk:
+    """One chunk of the corpus, ready to append: each table's rows joined, with their lengths."""
+
+    count: int  # records read (kept or not), for the progress bar
+    ids: bytes
+    id_lengths: np.ndarray
+    texts: bytes
+    text_lengths: np.ndarray
+    tokens: np.ndarray  # int32, the kept documents' token ids back to back
+    token_lengths: np.ndarray
 
 
 def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fields: dict) -> None:
-    """Writes the prepared folder; the corpus streams through in chunks (never all in memory)."""
+    """Writes the prepared folder; the corpus streams through in chunks (never all in memory),
+    tokenized on `tokenize_threads(config)` threads and written in order."""
     from tqdm import tqdm
 
     d = config.data
     t0 = time.time()
+    threads = tokenize_threads(config)
     splits = {s: list(builders.read_split(build, s)) for s in build.splits if s != "corpus"}
     rng = np.random.default_rng(config.seed)
     splits = _select_queries(splits, d, rng)
@@ -374,66 +453,128 @@ def _prepare(config, build: builders.BuildResult, tokenizer, path: str, key_fiel
             negs = [n for n in q["neg_ids"] if keep is None or n in keep]
             if negs:
                 negatives[q["id"]] = negs
+    t_queries_read = time.time() - t0
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(path))
-    specials = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    t_tok = time.time()
-    StringTable.write(os.path.join(tmp, "query_ids"), query_ids)
-    StringTable.write(os.path.join(tmp, "query_texts"), query_texts)
-    q_tok = FlatWriter(os.path.join(tmp, "query_tokens"), np.int32)
-    for start in range(0, len(query_texts), _TOKENIZE_CHUNK):
-        q_tok.add(_tokenize(tokenizer, query_texts[start : start + _TOKENIZE_CHUNK], d.max_query_len, specials[0]))
-    q_tok.close()
-    t_tok = time.time() - t_tok
-
-    doc_ids, doc_texts, doc_tok = (
-        FlatWriter(os.path.join(tmp, "doc_ids"), np.uint8),
-        FlatWriter(os.path.join(tmp, "doc_texts"), np.uint8),
-        FlatWriter(os.path.join(tmp, "doc_tokens"), np.int32),
-    )
-    corpus = builders.read_split(build, "corpus", chunk=_TOKENIZE_CHUNK)
-    total = len(build.source("corpus"))
-    with tqdm(total=total, desc="preparing documents", unit="doc", disable=total < 4 * _TOKENIZE_CHUNK) as bar:
-        for chunk in iter(lambda: list(itertools.islice(corpus, _TOKENIZE_CHUNK)), []):
-            bar.update(len(chunk))
-            chunk = [doc for doc in chunk if keep is None or doc["id"] in keep]
-            texts = [(doc["title"] + " " + doc["text"]).strip() for doc in chunk]
-            doc_ids.add([doc["id"].encode("utf-8") for doc in chunk])
-            doc_texts.add([t.encode("utf-8") for t in texts])
+    try:
+        specials = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        passage_len = stored_passage_len(config)
+        for max_len in (int(d.max_query_len), passage_len):  # the encoders are made before any thread asks
+            _encoder(tokenizer, max_len)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="md2pr-tokenize") if threads > 1 else None
+        try:
             t = time.time()
-            doc_tok.add(_tokenize(tokenizer, texts, stored_passage_len(config), specials[0]))
-            t_tok += time.time() - t
-    for writer in (doc_ids, doc_texts, doc_tok):
-        writer.close()
+            StringTable.write(os.path.join(tmp, "query_ids"), query_ids)
+            StringTable.write(os.path.join(tmp, "query_texts"), query_texts)
+            q_tok = FlatWriter(os.path.join(tmp, "query_tokens"), np.int32)
+            chunks = (query_texts[s : s + _TOKENIZE_CHUNK] for s in range(0, len(query_texts), _TOKENIZE_CHUNK))
+            encode = functools.partial(_tokenize_flat, tokenizer, max_len=int(d.max_query_len), cls_id=specials[0])
+            for tokens, lengths in ordered_map(encode, chunks, pool, 2 * threads):
+                q_tok.add_flat(tokens, lengths)
+            q_tok.close()
+            t_queries = time.time() - t
 
-    with open(os.path.join(tmp, "judgements.json"), "w") as f:
-        json.dump({"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}, f)
-    with open(os.path.join(tmp, "bad_records.json"), "w") as f:
-        json.dump(build.bad_records, f, indent=1)
-    meta = {
-        "name": f"{d.builder}/{d.dataset}",
-        "key": key_fields,
-        "tfds_dir": build.data_dir,
-        "cls_id": specials[0],
-        "sep_id": specials[1],
-        "pad_id": specials[2],
-        "max_query_len": int(d.max_query_len),
-        "max_passage_len": int(d.max_passage_len),
-        "stored_passage_len": stored_passage_len(config),
-        "seconds": {"read_and_write": time.time() - t0 - t_tok, "tokenize": t_tok},
-    }
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+            t = time.time()
+            writers = [FlatWriter(os.path.join(tmp, name), dtype) for name, dtype in
+                       (("doc_ids", np.uint8), ("doc_texts", np.uint8), ("doc_tokens", np.int32))]
+            total = builders.num_records(build, "corpus")
+            work = functools.partial(_doc_chunk, build, keep, tokenizer, passage_len, specials[0])
+            spans = ((s, min(s + _TOKENIZE_CHUNK, total)) for s in range(0, total, _TOKENIZE_CHUNK))
+            with tqdm(total=total, desc="preparing documents", unit="doc", disable=total < 4 * _TOKENIZE_CHUNK) as bar:
+                for chunk in ordered_map(work, spans, pool, 2 * threads):
+                    writers[0].add_flat(chunk.ids, chunk.id_lengths)
+                    writers[1].add_flat(chunk.texts, chunk.text_lengths)
+                    writers[2].add_flat(chunk.tokens, chunk.token_lengths)
+                    bar.update(chunk.count)
+            for writer in writers:
+                writer.close()
+            t_docs = time.time() - t
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        with open(os.path.join(tmp, "judgements.json"), "w") as f:
+            judgements = {"qrels": qrels, "split_queries": split_queries, "answers": answers, "hard_negatives": negatives}
+            json.dump(judgements, f)
+        with open(os.path.join(tmp, "bad_records.json"), "w") as f:
+            json.dump(build.bad_records, f, indent=1)
+        meta = {
+            "name": f"{d.builder}/{d.dataset}",
+            "key": key_fields,
+            "tfds_dir": build.data_dir,
+            "cls_id": specials[0],
+            "sep_id": specials[1],
+            "pad_id": specials[2],
+            "max_query_len": int(d.max_query_len),
+            "max_passage_len": int(d.max_passage_len),
+            "stored_passage_len": passage_len,
+            # Wall seconds of each part; tokenization overlaps reading and writing on the threads.
+            "seconds": {"read_queries": t_queries_read, "queries": t_queries, "documents": t_docs,
+                        "total": time.time() - t0, "threads": threads},
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:  # a half-written folder is never left behind (at MS MARCO's size, GBs)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished the same preparation first
         shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("prepared %s in %.1fs (tokenize %.1fs)", path, time.time() - t0, t_tok)
+    logging.info("prepared %s in %.1fs (documents %.1fs, %d threads)", path, time.time() - t0, t_docs, threads)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor | None, ahead: int) -> Iterator[R]:
+    """fn(item) for each item, in the items' order: on `pool` with at most `ahead` calls queued
+    or running (memory stays bounded), or one after another in this thread when pool is None."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= max(1, ahead):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def _doc_chunk(build: builders.BuildResult, keep: set[str] | None, tokenizer, max_len: int, cls_id: int,
+               span: tuple[int, int]) -> _DocChunk:
+    """Corpus records [start, stop): read, parsed, filtered by `keep`, joined and tokenized."""
+    records = builders.parse_records(builders.read_raw(build, "corpus", *span))
+    if keep is not None:
+        records = [doc for doc in records if doc["id"] in keep]
+    ids = [doc["id"].encode("utf-8") for doc in records]
+    texts = [(doc["title"] + " " + doc["text"]).strip() for doc in records]
+    text_bytes = [t.encode("utf-8") for t in texts]
+    tokens, token_lengths = _tokenize_flat(tokenizer, texts, max_len=max_len, cls_id=cls_id)
+    return _DocChunk(
+        count=span[1] - span[0],
+        ids=b"".join(ids),
+        id_lengths=np.fromiter(map(len, ids), np.int64, len(ids)),
+        texts=b"".join(text_bytes),
+        text_lengths=np.fromiter(map(len, text_bytes), np.int64, len(text_bytes)),
+        tokens=tokens,
+        token_lengths=token_lengths,
+    )
+
+
+def _tokenize_flat(tokenizer, texts: list[str], max_len: int, cls_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_tokenize`'s ids back to back (int32) and the length of each text's (int64)."""
+    ids = _tokenize(tokenizer, texts, max_len, cls_id)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
 
 
 def _tokenize(tokenizer, texts: list[str], max_len: int, cls_id: int) -> list[list[int]]:
-    """Token ids ([CLS] ... [SEP], truncated to max_len) of every text, in chunks.
+    """Token ids ([CLS] ... [SEP], truncated to max_len) of every text; the same ids as
+    `_encode` (the tokenizer's own call), by a faster path that threads may share.
 
     For BERT WordPiece tokenizers, each whitespace-separated word gives at least one token and
     tokens never cross whitespace, so a text is first cut to its first max_len words: the
@@ -449,17 +590,34 @@ def _tokenize(tokenizer, texts: list[str], max_len: int, cls_id: int) -> list[li
             words = text.split(None, max_len)
             was_cut.append(len(words) > max_len)
             short.append(" ".join(words[:max_len]) if was_cut[-1] else text)
-    ids = _encode(tokenizer, short, max_len)
+    encoder = _encoder(tokenizer, max_len)
+    ids = [e.ids for e in encoder.encode_batch_fast(short, add_special_tokens=True)]
     redo = [i for i, c in enumerate(was_cut) if c and len(ids[i]) < max_len]
     if redo:
-        for i, seq in zip(redo, _encode(tokenizer, [texts[i] for i in redo], max_len)):
-            ids[i] = seq
+        for i, e in zip(redo, encoder.encode_batch_fast([texts[i] for i in redo], add_special_tokens=True)):
+            ids[i] = e.ids
     if any(not seq or seq[0] != cls_id for seq in ids):
         raise ValueError(f"the tokenizer does not start each sequence with [CLS] (id {cls_id}); use a BERT-style tokenizer")
     return ids
 
 
+@functools.lru_cache(maxsize=16)
+def _encoder(tokenizer, max_len: int):
+    """A copy of the fast tokenizer's Rust tokenizer, set once as the tokenizer's own call sets
+    it for (truncation=True, max_length=max_len, no padding): threads share it read-only (the
+    call itself changes the truncation state each time, which threads must not share), and
+    `encode_batch_fast` skips the character offsets and the Python BatchEncoding."""
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    encoder.no_padding()
+    encoder.enable_truncation(max_len, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    encoder.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return encoder
+
+
 def _encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """The tokenizer's own call: the reference `_tokenize` is checked against."""
     enc = tokenizer(
         texts,
         add_special_tokens=True,
