@@ -236,16 +236,27 @@ def baselines(ctx: Context) -> dict:
     pool = int(cfg.teacher_train.negative_pool)
     all_pos = ds.positives(cfg.data.train_split)
     idx, _ = bm25.search_processes([ds.query_texts[q] for q in q_rows], pool + 8, progress=ctx.main)
-    bm25_neg = np.full((len(q_rows), pool), -1, np.int64)
-    for i, q in enumerate(q_rows):
-        row = [d for d in idx[i] if d >= 0 and d not in all_pos.get(int(q), ())][:pool]
-        bm25_neg[i, : len(row)] = row
+    bm25_neg = first_unexcluded(idx, [all_pos.get(int(q), ()) for q in q_rows], pool)
     params = student_params(ctx, 0)
     corpus = corpus_embeddings(ctx, params, 0)
     out["zero_shot"] = evaluate(ctx, params, corpus, "baselines", "zero_shot")
     dense_neg = dense_candidates(ctx, params, corpus, q_rows, pool, [set(all_pos.get(int(q), ())) for q in q_rows])
     if ctx.main:
         artifacts.save_arrays(ctx.layout.train_negatives, q_rows=q_rows, bm25=bm25_neg, dense=dense_neg)
+    return out
+
+
+def first_unexcluded(idx: np.ndarray, exclude, width: int) -> np.ndarray:
+    """int64 [M, width]: per row of idx [M, C] its first `width` entries that are >= 0 and not in
+    exclude[m], in order, padded with -1 (vectorised: a loop over 125k BM25 rows took 11 s)."""
+    from md2pr_jax.retrieval.mining import excluded_mask
+
+    idx = np.asarray(idx, np.int64)
+    ok = (idx >= 0) & ~excluded_mask(idx, exclude)
+    rank = np.cumsum(ok, axis=1) - 1
+    rows, cols = np.nonzero(ok & (rank < width))
+    out = np.full((len(idx), width), -1, np.int64)
+    out[rows, rank[rows, cols]] = idx[rows, cols]
     return out
 
 
