@@ -264,3 +264,42 @@ def test_vectorised_build_lists_keeps_every_rule_on_a_random_round():
         positives, np.zeros_like(cand[:1], bool), np.zeros_like(cand[:1], bool), 2, np.random.default_rng(r),
         teacher_order=False).docs[0, 1:]) for r in range(30)}
     assert len(draws) > 3
+
+
+def test_teacher_lists_draw_from_each_querys_pool(tmp_path):
+    """teacher_lists (vectorised): one list per (query, positive), the positive first, then
+    num_negatives from the query's BM25 + dense pool (distinct when the pool holds enough, with
+    repeats when not), queries with an empty pool skipped, a fold's queries left out, seeded."""
+    import types
+
+    from md2pr_jax import artifacts
+    from md2pr_jax.layout import Layout
+    from md2pr_jax.rounds import stages
+
+    lay = Layout.at(str(tmp_path))
+    bm25 = np.array([[10, 11, 12, 13, -1], [20, 21, -1, -1, -1], [-1, -1, -1, -1, -1], [40, 41, 42, 43, 44]])
+    dense = np.array([[12, 14, 15, 16, 10], [21, -1, -1, -1, -1], [-1, -1, -1, -1, -1], [45, 46, 47, 40, 41]])
+    lay.train_negatives.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.save_arrays(lay.train_negatives, q_rows=np.array([1, 2, 3, 4]), bm25=bm25, dense=dense)
+    config = base_config()
+    config.teacher_train.num_negatives = 4
+    ctx = types.SimpleNamespace(layout=lay, config=config, train_positives={1: [100, 101], 2: [200], 3: [300], 4: [400]})
+    qs, lists = stages.teacher_lists(ctx, 0)
+    assert sorted(zip(qs.tolist(), lists[:, 0].tolist())) == [(1, 100), (1, 101), (2, 200), (4, 400)]  # 3: no pool
+    pools = {1: {10, 11, 12, 13, 14, 15, 16}, 2: {20, 21}, 4: {40, 41, 42, 43, 44, 45, 46, 47}}
+    for q, row in zip(qs.tolist(), lists):
+        negs = row[1:].tolist()
+        assert len(negs) == 4 and set(negs) <= pools[q]
+        if len(pools[q]) >= 4:
+            assert len(set(negs)) == 4  # without replacement
+    again = stages.teacher_lists(ctx, 0)
+    np.testing.assert_array_equal(again[1], lists)  # seeded by epoch
+    draws = {tuple(stages.teacher_lists(ctx, e)[1][stages.teacher_lists(ctx, e)[0] == 4][0, 1:]) for e in range(10)}
+    assert len(draws) > 3
+    folds = stages.teacher_folds  # the fold filter: a fold's own queries get no lists
+    stages.teacher_folds = lambda c: {1: 0, 2: 1, 3: 0, 4: 1}
+    try:
+        fq, _ = stages.teacher_lists(ctx, 0, fold=1)
+    finally:
+        stages.teacher_folds = folds
+    assert sorted(fq.tolist()) == [1, 1]
