@@ -87,3 +87,21 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+def test_excluded_mask_and_first_unexcluded_match_the_per_row_definitions():
+    """The vectorised exclusion (one sorted key lookup for all rows) against np.isin row by row."""
+    from md2pr_jax.retrieval.mining import excluded_mask
+    from md2pr_jax.rounds.stages import first_unexcluded
+
+    rng = np.random.default_rng(5)
+    idx = rng.integers(-1, 40, (200, 12))
+    exclude = [set(rng.integers(0, 40, rng.integers(0, 5)).tolist()) for _ in range(200)]
+    got = excluded_mask(idx, exclude)
+    want = np.array([np.isin(row, np.fromiter(e, np.int64)) & (row >= 0) for row, e in zip(idx, exclude)])
+    assert got.any() and (got == want).all()
+    assert not excluded_mask(idx, [set()] * 200).any()
+    firsts = first_unexcluded(idx, exclude, 5)
+    for row, e, f in zip(idx, exclude, firsts):
+        ref = [int(d) for d in row if d >= 0 and d not in e][:5]
+        assert f.tolist() == ref + [-1] * (5 - len(ref))

@@ -183,3 +183,123 @@ def test_context_mines_around_every_known_positive_but_lists_the_capped_ones():
     assert ctx.excluded_positives == {1: [10, 11, 12], 5: [50]}
     old = Context(None, None, None, None, None, None, {}, {1: [10]}, [], True)
     assert old.excluded_positives == old.round_positives == {1: [10]}
+
+
+def _random_round(seed: int, m: int = 40, k: int = 6):
+    """A random round: query rows, candidates (some padded -1), 1-3 positives per query, logits."""
+    rng = np.random.default_rng(seed)
+    q_rows = rng.choice(1000, m, replace=False)
+    cand = rng.integers(0, 500, (m, k))
+    cand[rng.random((m, k)) < 0.15] = -1
+    positives = {int(q): rng.integers(500, 600, rng.integers(1, 4)).tolist() for q in q_rows}
+    n_pairs = sum(len(v) for v in positives.values()) + m * k
+    return q_rows, cand, positives, rng.normal(size=n_pairs).astype(np.float32)
+
+
+def test_vectorised_pass_layout_matches_the_per_query_definition():
+    """scoring_pairs / split_scores / teacher_signal (vectorised for 125k-query rounds) against
+    the per-query definitions they replaced."""
+    q_rows, cand, positives, logits = _random_round(3)
+    pq, pd = filtering.scoring_pairs(q_rows, cand, positives)
+    ref_q, ref_d = [], []
+    for q, row in zip(q_rows, cand):
+        docs = list(positives[int(q)]) + [int(d) for d in row]
+        ref_q += [int(q)] * len(docs)
+        ref_d += docs
+    assert pq.tolist() == ref_q and pd.tolist() == ref_d and pq.dtype == pd.dtype == np.int64
+    s = filtering.split_scores(logits, q_rows, cand, positives)
+    off = 0
+    rr, mass = [], []
+    for i, q in enumerate(q_rows):
+        kq = len(positives[int(q)])
+        assert s.start[i] == off
+        np.testing.assert_array_equal(s.pos_logits[i], logits[off : off + kq])
+        np.testing.assert_array_equal(s.cand_logits[i], logits[off + kq : off + kq + cand.shape[1]])
+        neg = s.cand_logits[i][cand[i] >= 0].astype(np.float64)
+        for p in s.pos_logits[i]:
+            rr.append(1.0 / (1 + int((neg > p).sum())))
+            z = np.concatenate([[p], neg])
+            mass.append(np.exp(z[0] - z.max()) / np.exp(z - z.max()).sum())
+        off += kq + cand.shape[1]
+    got = filtering.teacher_signal(s, cand)
+    assert got["positive_rr"] == pytest.approx(np.mean(rr)) and got["positive_mass"] == pytest.approx(np.mean(mass))
+    empty = filtering.scoring_pairs(np.zeros(0, np.int64), np.zeros((0, 6), np.int64), {})
+    assert empty[0].shape == empty[1].shape == (0,)
+
+
+def test_vectorised_build_lists_keeps_every_rule_on_a_random_round():
+    q_rows, cand, positives, logits = _random_round(4)
+    s = filtering.split_scores(logits, q_rows, cand, positives)
+    rng = np.random.default_rng(0)
+    flagged = (rng.random(cand.shape) < 0.2) & (cand >= 0)
+    promoted = flagged & (rng.random(cand.shape) < 0.3)
+    chosen_q = {int(q) for q in q_rows[::2]}
+    n = 4
+    lists = filtering.build_lists(q_rows, cand, s, positives, flagged, promoted, n, np.random.default_rng(1),
+                                  teacher_order=True, queries=chosen_q)
+    want = []  # (query, first doc) in order: per chosen query its positives, then its promoted candidates
+    for i, q in enumerate(q_rows):
+        if int(q) in chosen_q:
+            want += [(int(q), d) for d in positives[int(q)]] + [(int(q), int(cand[i, j])) for j in np.flatnonzero(promoted[i])]
+    assert list(zip(lists.query.tolist(), lists.docs[:, 0].tolist())) == want
+    pass_logits = logits
+    row_of = {int(q): i for i, q in enumerate(q_rows)}
+    for q, docs, mask, teacher, src, kd in zip(lists.query, lists.docs, lists.mask, lists.teacher, lists.src, lists.kd_mask):
+        i = row_of[int(q)]
+        usable = {int(d) for d, f, p in zip(cand[i], flagged[i], promoted[i]) if d >= 0 and not f and not p}
+        real = src[1:] >= 0
+        m = int(real.sum())
+        assert m == min(n, len(usable)) and real[:m].all()  # as many as there are, padding after
+        negs = docs[1 : 1 + m].tolist()
+        assert len(set(negs)) == m and set(negs) <= usable
+        np.testing.assert_array_equal(teacher[src >= 0], pass_logits[src[src >= 0]])
+        assert (np.diff(teacher[1 : 1 + m]) <= 0).all()  # hardest first
+        assert mask.tolist() == kd.tolist() == [1.0] * (1 + m) + [0.0] * (n - m)
+    # The draw is seeded and covers the usable candidates (not always the same n).
+    again = filtering.build_lists(q_rows, cand, s, positives, flagged, promoted, n, np.random.default_rng(1),
+                                  teacher_order=True, queries=chosen_q)
+    np.testing.assert_array_equal(again.docs, lists.docs)
+    draws = {tuple(filtering.build_lists(q_rows[:1], cand[:1], filtering.split_scores(
+        logits[: len(positives[int(q_rows[0])]) + cand.shape[1]], q_rows[:1], cand[:1], positives),
+        positives, np.zeros_like(cand[:1], bool), np.zeros_like(cand[:1], bool), 2, np.random.default_rng(r),
+        teacher_order=False).docs[0, 1:]) for r in range(30)}
+    assert len(draws) > 3
+
+
+def test_teacher_lists_draw_from_each_querys_pool(tmp_path):
+    """teacher_lists (vectorised): one list per (query, positive), the positive first, then
+    num_negatives from the query's BM25 + dense pool (distinct when the pool holds enough, with
+    repeats when not), queries with an empty pool skipped, a fold's queries left out, seeded."""
+    import types
+
+    from md2pr_jax import artifacts
+    from md2pr_jax.layout import Layout
+    from md2pr_jax.rounds import stages
+
+    lay = Layout.at(str(tmp_path))
+    bm25 = np.array([[10, 11, 12, 13, -1], [20, 21, -1, -1, -1], [-1, -1, -1, -1, -1], [40, 41, 42, 43, 44]])
+    dense = np.array([[12, 14, 15, 16, 10], [21, -1, -1, -1, -1], [-1, -1, -1, -1, -1], [45, 46, 47, 40, 41]])
+    lay.train_negatives.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.save_arrays(lay.train_negatives, q_rows=np.array([1, 2, 3, 4]), bm25=bm25, dense=dense)
+    config = base_config()
+    config.teacher_train.num_negatives = 4
+    ctx = types.SimpleNamespace(layout=lay, config=config, train_positives={1: [100, 101], 2: [200], 3: [300], 4: [400]})
+    qs, lists = stages.teacher_lists(ctx, 0)
+    assert sorted(zip(qs.tolist(), lists[:, 0].tolist())) == [(1, 100), (1, 101), (2, 200), (4, 400)]  # 3: no pool
+    pools = {1: {10, 11, 12, 13, 14, 15, 16}, 2: {20, 21}, 4: {40, 41, 42, 43, 44, 45, 46, 47}}
+    for q, row in zip(qs.tolist(), lists):
+        negs = row[1:].tolist()
+        assert len(negs) == 4 and set(negs) <= pools[q]
+        if len(pools[q]) >= 4:
+            assert len(set(negs)) == 4  # without replacement
+    again = stages.teacher_lists(ctx, 0)
+    np.testing.assert_array_equal(again[1], lists)  # seeded by epoch
+    draws = {tuple(stages.teacher_lists(ctx, e)[1][stages.teacher_lists(ctx, e)[0] == 4][0, 1:]) for e in range(10)}
+    assert len(draws) > 3
+    folds = stages.teacher_folds  # the fold filter: a fold's own queries get no lists
+    stages.teacher_folds = lambda c: {1: 0, 2: 1, 3: 0, 4: 1}
+    try:
+        fq, _ = stages.teacher_lists(ctx, 0, fold=1)
+    finally:
+        stages.teacher_folds = folds
+    assert sorted(fq.tolist()) == [1, 1]

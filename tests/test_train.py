@@ -278,3 +278,48 @@ def test_longer_teacher_word_target_is_the_renormalised_first_window(setup):
     np.testing.assert_allclose(scores, np.asarray(s_full), rtol=1e-5, atol=1e-5)
     got = gather_attention(flat, np.arange(b * c).reshape(b, c)[:, :k]).astype(np.float32)
     np.testing.assert_array_equal(got, block)
+
+
+class _Table:
+    """Query and passage token tables (`prepare.TokenTable`) with the stored lengths PairScorer reads."""
+
+    def __init__(self, rng, n_q: int, n_d: int, max_len: int):
+        from md2pr_jax.data.prepare import TokenTable
+
+        def table(n, lo, hi):
+            lengths = rng.integers(lo, hi, n)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            ids = rng.integers(1000, 5000, offsets[-1]).astype(np.int32)
+            ids[offsets[:-1]], ids[offsets[1:] - 1] = 101, 102  # [CLS] ... [SEP]
+            return TokenTable(ids, offsets, 102, 0)
+
+        self.q, self.d, self.max_len = table(n_q, 3, 9), table(n_d, 3, max_len + 20), max_len
+
+    def query_tokens(self, rows):
+        return self.q.gather(rows, 8)
+
+    def doc_tokens(self, rows, max_len=None):
+        return self.d.gather(rows, max_len or self.max_len)
+
+
+class _NoLengths:
+    """The same tables without stored lengths: PairScorer then pads every batch to full width."""
+
+    def __init__(self, table):
+        self.query_tokens, self.doc_tokens = table.query_tokens, table.doc_tokens
+
+
+def test_pair_scorer_buckets_passages_by_length_with_the_same_logits(setup):
+    config, mesh, _, teacher, teacher_params = setup
+    cfg = config.copy_and_resolve_references()
+    cfg.data.max_passage_len = 48  # buckets 32, 48
+    rng = np.random.default_rng(0)
+    table = _Table(rng, 30, 200, 48)
+    table.doc_lengths = table.d.lengths
+    q, d = rng.integers(0, 30, 53), rng.integers(0, 200, 53)
+    bucketed = PairScorer(cfg, teacher, teacher_params, table, mesh, 8)
+    full = PairScorer(cfg, teacher, teacher_params, _NoLengths(table), mesh, 8)
+    widths = {b["p_ids"].shape[-1] for _, b in bucketed._batches(q, d)}
+    assert widths == {32, 48}  # short batches are cut to their bucket
+    assert {b["p_ids"].shape[-1] for _, b in full._batches(q, d)} == {48}
+    np.testing.assert_allclose(bucketed.score(q, d, progress=False), full.score(q, d, progress=False), rtol=2e-5, atol=2e-5)

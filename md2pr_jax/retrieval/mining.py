@@ -46,11 +46,26 @@ def merge_topk(scores: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray,
     return top_s, top_i
 
 
+def excluded_mask(idx: np.ndarray, exclude: Sequence[Iterable[int]]) -> np.ndarray:
+    """bool [M, C]: idx[m, c] is one of exclude[m] (-1 never is). One sorted membership test
+    over (row, index) keys: a per-row np.isin took 23 s for 125k queries x 51 candidates (one
+    pod host's share of MS MARCO), this well under a second."""
+    idx = np.asarray(idx, np.int64)
+    sizes = np.fromiter((len(e) for e in exclude), np.int64, count=len(exclude))
+    if not sizes.sum() or idx.size == 0:
+        return np.zeros(idx.shape, bool)
+    ex = np.fromiter((int(d) for e in exclude for d in e), np.int64, count=int(sizes.sum()))
+    width = int(max(idx.max(), ex.max())) + 2  # keys row * width + (index + 1): distinct per (row, index)
+    rows = np.arange(len(idx), dtype=np.int64)
+    keys = rows[:, None] * width + (idx + 1)
+    ex_keys = np.sort(np.repeat(rows, sizes) * width + (ex + 1))
+    at = np.minimum(np.searchsorted(ex_keys, keys), len(ex_keys) - 1)
+    return (ex_keys[at] == keys) & (idx >= 0)
+
+
 def _drop_excluded(idx: np.ndarray, scores: np.ndarray, exclude: Sequence[Iterable[int]]) -> None:
-    for row, ex in enumerate(exclude):
-        if ex:
-            hit = np.isin(idx[row], np.fromiter(ex, np.int64))
-            idx[row, hit], scores[row, hit] = -1, -np.inf
+    hit = excluded_mask(idx, exclude)
+    idx[hit], scores[hit] = -1, -np.inf
 
 
 def allgather(x: np.ndarray) -> np.ndarray:

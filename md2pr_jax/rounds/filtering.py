@@ -96,14 +96,33 @@ def planted_check(flagged: np.ndarray, cand: np.ndarray, q_rows: np.ndarray, hid
     }
 
 
+def _pass_layout(q_rows: np.ndarray, cand: np.ndarray, positives: dict[int, list[int]]):
+    """(k [M] positives per query, start [M] index of each query's first pair in the flat pass)."""
+    k = np.fromiter((len(positives[int(q)]) for q in q_rows), np.int64, count=len(q_rows))
+    start = np.zeros(len(q_rows), np.int64)
+    np.cumsum((k + cand.shape[1])[:-1], out=start[1:])
+    return k, start
+
+
+def _positive_slots(k: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The flat-pass index of every positive, query by query: start[i] + 0 .. k[i] - 1."""
+    first = np.cumsum(k) - k
+    return np.repeat(start, k) + (np.arange(int(k.sum())) - np.repeat(first, k))
+
+
 def scoring_pairs(q_rows: np.ndarray, cand: np.ndarray, positives: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher pass's pairs: per query its positives, then its candidates (int64 [N] each)."""
-    pairs_q, pairs_d = [], []
-    for q, row in zip(q_rows, cand):
-        docs = list(positives[int(q)]) + [int(d) for d in row]
-        pairs_q += [int(q)] * len(docs)
-        pairs_d += docs
-    return np.asarray(pairs_q, np.int64), np.asarray(pairs_d, np.int64)
+    """The teacher pass's pairs: per query its positives, then its candidates (int64 [N] each).
+    Vectorised: at one pod host's share of MS MARCO (125k queries x 50 candidates) a loop over
+    Python lists took 6.6 s and ~0.5 GB of list objects; this takes well under a second."""
+    q_rows, cand = np.asarray(q_rows, np.int64), np.asarray(cand, np.int64)
+    k, start = _pass_layout(q_rows, cand, positives)
+    width = cand.shape[1]
+    pairs_q = np.repeat(q_rows, k + width)
+    pairs_d = np.empty(len(pairs_q), np.int64)
+    pairs_d[_positive_slots(k, start)] = np.fromiter(
+        (int(d) for q in q_rows for d in positives[int(q)]), np.int64, count=int(k.sum()))
+    pairs_d[(start + k)[:, None] + np.arange(width)] = cand
+    return pairs_q, pairs_d
 
 
 @dataclasses.dataclass
@@ -121,14 +140,11 @@ class RoundScores:
 
 def split_scores(logits: np.ndarray, q_rows: np.ndarray, cand: np.ndarray, positives: dict[int, list[int]]) -> RoundScores:
     """The inverse of `scoring_pairs` for the pass's logits [N]."""
-    offset, pos_logits, cand_logits, start = 0, [], np.zeros(cand.shape, np.float32), []
-    for i, q in enumerate(q_rows):
-        k = len(positives[int(q)])
-        start.append(offset)
-        pos_logits.append(logits[offset : offset + k])
-        cand_logits[i] = logits[offset + k : offset + k + cand.shape[1]]
-        offset += k + cand.shape[1]
-    return RoundScores(pos_logits, cand_logits, start)
+    q_rows, logits = np.asarray(q_rows, np.int64), np.asarray(logits)
+    k, start = _pass_layout(q_rows, cand, positives)
+    cand_logits = logits[(start + k)[:, None] + np.arange(cand.shape[1])].astype(np.float32).reshape(cand.shape)
+    pos_logits = np.split(logits[_positive_slots(k, start)], np.cumsum(k)[:-1]) if len(q_rows) else []
+    return RoundScores(pos_logits, cand_logits, start.tolist())
 
 
 def teacher_signal(scores: RoundScores, cand: np.ndarray) -> dict:
@@ -136,16 +152,21 @@ def teacher_signal(scores: RoundScores, cand: np.ndarray) -> dict:
     labelled positive, its reciprocal rank among its query's mined candidates (1.0: the teacher
     agrees with the label everywhere) and the softmax mass the teacher puts on it against those
     candidates at T = 1 (near 1: the soft labels are the hard labels)."""
-    rr, mass = [], []
-    for i, pos in enumerate(scores.pos_logits):
-        neg = scores.cand_logits[i][cand[i] >= 0]
-        for p in pos:
-            rr.append(1.0 / (1 + int((neg > p).sum())))
-            z = np.concatenate([[p], neg]).astype(np.float64)
-            e = np.exp(z - z.max())
-            mass.append(e[0] / e.sum())
-    if not rr:
+    k = np.fromiter((len(p) for p in scores.pos_logits), np.int64, count=len(scores.pos_logits))
+    if not k.sum():
         return {"positive_rr": float("nan"), "positive_mass": float("nan")}
+    pos = np.concatenate(scores.pos_logits).astype(np.float64)
+    owner = np.repeat(np.arange(len(k)), k)
+    rr, mass = np.zeros(len(pos)), np.zeros(len(pos))
+    for a in range(0, len(pos), 65536):  # [positives, K] blocks: bounded memory at any size
+        sl = slice(a, a + 65536)
+        p, rows = pos[sl, None], owner[sl]
+        valid = cand[rows] >= 0
+        neg = np.where(valid, scores.cand_logits[rows].astype(np.float64), -np.inf)
+        rr[sl] = 1.0 / (1 + ((neg > p) & valid).sum(1))
+        top = np.maximum(p[:, 0], neg.max(1, initial=-np.inf))
+        e_pos = np.exp(p[:, 0] - top)
+        mass[sl] = e_pos / (e_pos + np.exp(neg - top[:, None]).sum(1))
     return {"positive_rr": float(np.mean(rr)), "positive_mass": float(np.mean(mass))}
 
 
@@ -180,35 +201,52 @@ def build_lists(q_rows: np.ndarray, cand: np.ndarray, scores: RoundScores, posit
     contrastive `mask` but kept in `kd_mask`), then (with `teacher_order`) ordered by teacher
     score, hardest first. Promoted candidates are extra positives. `queries` (a set of query
     rows; None = all) selects the queries that get lists; the others are skipped."""
-    n = int(num_negatives)
+    n, width = int(num_negatives), cand.shape[1]
     valid = cand >= 0
-    out = {k: [] for k in ("query", "docs", "mask", "teacher", "src", "kd_mask")}
-    for i, q in enumerate(q_rows):
-        if queries is not None and int(q) not in queries:
-            continue
-        usable = np.nonzero(valid[i] & (~flagged[i] | keep_flagged) & ~promoted[i])[0]
-        k_pos, s0 = len(positives[int(q)]), scores.start[i]
-        pairs = [(d, scores.pos_logits[i][j], s0 + j) for j, d in enumerate(positives[int(q)])]
-        pairs += [(int(cand[i, j]), scores.cand_logits[i, j], s0 + k_pos + j) for j in np.nonzero(promoted[i])[0]]
-        for d, t_pos, src_pos in pairs:
-            chosen = rng.choice(usable, size=min(n, len(usable)), replace=False) if len(usable) else np.zeros(0, int)
-            if teacher_order:
-                chosen = chosen[np.argsort(-scores.cand_logits[i, chosen], kind="stable")]
-            m = len(chosen)
-            docs, kd_mask = np.zeros(1 + n, np.int64), np.zeros(1 + n, np.float32)
-            teacher, src = np.zeros(1 + n, np.float32), np.full(1 + n, -1, np.int64)
-            docs[0], kd_mask[0], teacher[0], src[0] = d, 1.0, t_pos, src_pos
-            docs[1 : 1 + m], kd_mask[1 : 1 + m] = cand[i, chosen], 1.0
-            teacher[1 : 1 + m], src[1 : 1 + m] = scores.cand_logits[i, chosen], s0 + k_pos + chosen
-            mask = kd_mask.copy()
-            mask[1 : 1 + m] = np.where(flagged[i, chosen], 0.0, 1.0)
-            for key, value in zip(out, (int(q), docs, mask, teacher, src, kd_mask)):
-                out[key].append(value)
-    if not out["query"]:
-        width = 1 + n
-        return TrainLists(np.zeros(0, np.int64), *(np.zeros((0, width), t) for t in (np.int64, np.float32, np.float32)),
-                          np.zeros((0, width), np.int64), np.zeros((0, width), np.float32))
-    return TrainLists(*(np.asarray(out[k]) for k in out))
+    start = np.asarray(scores.start, np.int64).reshape(-1)
+    k = np.fromiter((len(positives[int(q)]) for q in q_rows), np.int64, count=len(q_rows))
+    # The entries (one list each): per query its positives, then its promoted candidates.
+    pos_owner = np.repeat(np.arange(len(q_rows)), k)
+    pos_docs = np.fromiter((int(d) for q in q_rows for d in positives[int(q)]), np.int64, count=int(k.sum()))
+    pos_t = (np.concatenate(scores.pos_logits) if len(pos_owner) else np.zeros(0)).astype(np.float32)
+    pi, pj = np.nonzero(promoted)
+    owner = np.concatenate([pos_owner, pi])
+    order = np.argsort(owner, kind="stable")  # query order; within a query positives first
+    owner = owner[order]
+    first_doc = np.concatenate([pos_docs, cand[pi, pj]])[order]
+    first_t = np.concatenate([pos_t, scores.cand_logits[pi, pj]])[order]
+    first_src = np.concatenate([_positive_slots(k, start), start[pi] + k[pi] + pj])[order]
+    if queries is not None:
+        keep = np.fromiter((int(q) in queries for q in q_rows), bool, count=len(q_rows))[owner]
+        owner, first_doc, first_t, first_src = owner[keep], first_doc[keep], first_t[keep], first_src[keep]
+    e = len(owner)
+    docs, src = np.zeros((e, 1 + n), np.int64), np.full((e, 1 + n), -1, np.int64)
+    teacher, kd_mask, mask = (np.zeros((e, 1 + n), np.float32) for _ in range(3))
+    docs[:, 0], teacher[:, 0], src[:, 0], kd_mask[:, 0], mask[:, 0] = first_doc, first_t, first_src, 1.0, 1.0
+    # n negatives per list drawn uniformly without replacement from its query's usable
+    # candidates: the n smallest of one uniform key per candidate (unusable ones keyed +inf),
+    # then (teacher_order) by teacher logit, hardest first. Vectorised in blocks of lists: the
+    # per-list loop took 32 s at one pod host's share of MS MARCO (137k lists).
+    usable_all = valid & (~flagged | keep_flagged) & ~promoted
+    take = min(n, width)
+    for a in range(0, e, 65536):
+        rows = owner[a : a + 65536]
+        usable = usable_all[rows]
+        keys = np.where(usable, rng.random(usable.shape), np.inf)
+        chosen = np.argsort(keys, axis=1, kind="stable")[:, :take]
+        real = np.take_along_axis(usable, chosen, 1)
+        if teacher_order:
+            t = np.take_along_axis(scores.cand_logits[rows], chosen, 1)
+            chosen = np.take_along_axis(chosen, np.lexsort((-t, ~real), axis=1), 1)
+            real = np.take_along_axis(usable, chosen, 1)
+        sl = slice(a, a + len(rows))
+        r = rows[:, None]
+        docs[sl, 1 : 1 + take] = np.where(real, cand[r, chosen], 0)
+        teacher[sl, 1 : 1 + take] = np.where(real, scores.cand_logits[r, chosen], 0.0)
+        src[sl, 1 : 1 + take] = np.where(real, start[r] + k[r] + chosen, -1)
+        kd_mask[sl, 1 : 1 + take] = real
+        mask[sl, 1 : 1 + take] = real & ~flagged[r, chosen]
+    return TrainLists(q_rows.astype(np.int64)[owner] if e else np.zeros(0, np.int64), docs, mask, teacher, src, kd_mask)
 
 
 def gather_attention(flat: np.ndarray, src: np.ndarray) -> np.ndarray:
