@@ -394,6 +394,8 @@ def load_rehearsal(path: str) -> dict[str, Any]:
     if data is None:
         raise FileNotFoundError(f"rehearsal {path} does not exist (benchmarks/scale_rehearsal.py writes it)")
     stages = data.get("stages")
+    if isinstance(stages, dict):
+        stages = flatten_rehearsal(data)
     if not isinstance(stages, list):
         raise ValueError(f"rehearsal {path}: expected {{'stages': [{{name, items, wall_s, items_per_s, peak_rss_gb}}]}}")
     by_name = {}
@@ -403,7 +405,41 @@ def load_rehearsal(path: str) -> dict[str, Any]:
         by_name[s["name"]] = s
     cores = data.get("cores") or (data.get("machine") or {}).get("cpus") or 2
     return {"stages": by_name, "cores": int(cores), "stand_in": bool(data.get("stand_in", False)),
-            "note": data.get("note", ""), "path": path, "corpus": data.get("corpus") or data.get("passages")}
+            "note": data.get("note", ""), "path": path,
+            "corpus": data.get("corpus") or data.get("passages") or (data.get("sizes") or {}).get("passages")}
+
+
+# benchmarks/scale_rehearsal.py's stages and parts -> the host kinds' names (first found wins).
+REHEARSAL_PARTS = {"bm25_index": ("baselines", "bm25_index"), "bm25_search": ("baselines", "bm25_search"),
+                   "scann_build": ("mine", "ann_index"), "scann_search": ("mine", "dense_search"),
+                   "bm25_pair_scores": ("rerank", "bm25_pair_scores")}
+
+
+def flatten_rehearsal(data: dict) -> list[dict]:
+    """The stages of benchmarks/scale_rehearsal.py's JSON ({stage: {items, wall_s, ...,
+    parts: {part: {...}}}}) as a list named by host kind: whole stages under their own names,
+    the parts named in REHEARSAL_PARTS under the kind's name (a ScaNN build per call, on the
+    rehearsal's corpus and embedding width), and `mining` as the mine stage less its parts
+    (the bookkeeping: exclusion of positives and the merged top-k)."""
+    stages, sizes = data["stages"], data.get("sizes") or {}
+    corpus = sizes.get("passages")
+    dim = ((data.get("config") or {}).get("student.bert") or {}).get("hidden_size")
+    out = [{"name": name, **{k: v for k, v in st.items() if k != "parts"}} for name, st in stages.items()]
+    for kind, (stage, part) in REHEARSAL_PARTS.items():
+        found = (stages.get(stage, {}).get("parts") or {}).get(part)
+        if found:
+            row = {"name": kind, **found, "corpus": corpus}
+            if kind.startswith("scann"):
+                calls = max(int(found.get("calls", 1)), 1)
+                row.update(items=found["items"] / calls, wall_s=found["wall_s"] / calls, dim=dim)
+                row["items_per_s"] = found["items_per_s"] if kind == "scann_search" else row["items"] / row["wall_s"]
+            out.append(row)
+    mine = stages.get("mine")
+    if mine:
+        rest = mine["wall_s"] - sum(p["wall_s"] for p in (mine.get("parts") or {}).values())
+        out.append({"name": "mining", "items": mine["items"], "wall_s": max(rest, 1e-3),
+                    "items_per_s": mine["items"] / max(rest, 1e-3), "peak_rss_gb": mine.get("peak_rss_gb")})
+    return out
 
 
 def rehearsal_stage(rehearsal: dict, kind: str) -> dict | None:

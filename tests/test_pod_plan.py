@@ -205,3 +205,23 @@ def test_bad_inputs_raise_clear_errors(config, tmp_path):
     cfg.data.dataset = "unknown"
     with pytest.raises(ValueError, match="--sizes"):
         pp.dataset_sizes(cfg)
+
+
+def test_scale_rehearsal_json_is_read_per_host_kind(tmp_path):
+    """benchmarks/scale_rehearsal.py's stages-with-parts JSON maps onto the host kinds: a ScaNN
+    build per call on the rehearsal's corpus, mining as the mine stage less its parts."""
+    plan = _load_plan_module()
+    data = {"machine": {"cores": 2}, "sizes": {"passages": 1000}, "config": {"student.bert": {"hidden_size": 32}},
+            "stages": {"prepare": {"items": 1000, "wall_s": 10.0, "items_per_s": 100.0},
+                       "mine": {"items": 50, "wall_s": 12.0, "items_per_s": 50 / 12,
+                                "parts": {"ann_index": {"calls": 2, "items": 2000, "wall_s": 4.0, "items_per_s": 500.0},
+                                          "dense_search": {"calls": 1, "items": 50, "wall_s": 2.0, "items_per_s": 25.0}}}}}
+    path = tmp_path / "rehearsal.json"
+    path.write_text(json.dumps(data))
+    r = plan.load_rehearsal(str(path))
+    build = plan.rehearsal_stage(r, "scann_build")
+    assert build["items"] == 1000 and build["wall_s"] == 2.0 and build["dim"] == 32 and build["corpus"] == 1000
+    assert plan.rehearsal_stage(r, "scann_search")["items_per_s"] == 25.0
+    mining = plan.rehearsal_stage(r, "mining")
+    assert mining["wall_s"] == pytest.approx(6.0) and mining["items_per_s"] == pytest.approx(50 / 6)
+    assert r["corpus"] == 1000 and plan.rehearsal_stage(r, "prepare")["items_per_s"] == 100.0
