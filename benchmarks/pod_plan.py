@@ -800,6 +800,7 @@ def plan(config, pod: Pod, flops_cache: dict, rehearsal: dict, sizes: dict, tota
             "parallel_scaling": "items/s x (host vCPUs / rehearsal cores) x efficiency for work the code runs on many "
                                 "threads; one-thread work keeps the rehearsal's rate (same per-core speed assumed)",
             "rehearsal": {"path": rehearsal["path"], "cores": rehearsal["cores"], "stand_in": rehearsal["stand_in"],
+                          "remeasured": rehearsal.get("remeasured", []),
                           "note": rehearsal["note"] or ("" if not rehearsal["stand_in"] else "STAND-IN figures"),
                           "stages": list(rehearsal["stages"].values())},
             "sizes": sizes,
@@ -880,6 +881,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="configs/msmarco_bert_base.py")
     ap.add_argument("--topology", default="", help="e.g. v5e:4x4 (default: the config's aot.topology)")
     ap.add_argument("--rehearsal", default=os.path.join(ROOT, "benchmarks", "results", "scale_rehearsal.json"))
+    ap.add_argument("--remeasured", action="append", default=[],
+                    help="a JSON with stages [{name, items, wall_s, items_per_s, ...}] measured again on newer "
+                         "code (e.g. benchmarks/prepare_at_scale.py's): its stages replace the rehearsal's of the "
+                         "same name (repeatable)")
     ap.add_argument("--utilisation", type=float, default=0.4, help="share of peak FLOP/s the chips reach")
     ap.add_argument("--parallel-efficiency", type=float, default=0.5,
                     help="share of the ideal speedup from the rehearsal's cores to the host's vCPUs")
@@ -916,6 +921,10 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--functions: unknown {unknown}; known: {', '.join(FUNCTIONS)}")
     rehearsal = None if args.compile_only else load_rehearsal(args.rehearsal)
+    for path in args.remeasured if rehearsal is not None else ():
+        again = load_rehearsal(path)
+        rehearsal["stages"].update({name: {**st, "source": path} for name, st in again["stages"].items()})
+        rehearsal["remeasured"] = rehearsal.get("remeasured", []) + [{"path": path, "stages": sorted(again["stages"])}]
     for kv in filter(None, args.rehearsal_map.split(",")):
         kind, _, stage = kv.partition("=")
         if kind not in HOST_KINDS or not stage:

@@ -9,12 +9,21 @@ Data: MS MARCO passage TSVs (collection.tsv, queries.{train,dev}.tsv, qrels.{tra
     config.data.dir/msmarco, or gs://; fetched once from the official collectionandqueries.tar.gz by
     `python -m md2pr_jax.data.fetch --config configs/msmarco_bert_base.py --data_dir gs://BUCKET/data`
     (`tpu_pod.sh ... data`); weights: the Hugging Face hub ids below (needs internet).
-Runtime: not measured (no pod was available). Estimate from the AOT FLOPs below at 40% of the
-    v5e peak (197 bf16 TFLOP/s per chip): about 0.3 s per step, i.e. ~1,000 steps (one pass
-    over 502k training queries at 512 per step) in a few minutes per round plus corpus encoding
-    (8.8M passages) and mining. A guess, not a plan: the host stages (data preparation, BM25 over
-    502k queries, the filter's bookkeeping) have never run at this size, and no FLOPs-based time
-    plan of every stage exists yet.
+Runtime: not measured (no pod yet); planned by benchmarks/pod_plan.py (`--config
+    configs/msmarco_bert_base.py --topology v5e:4x4 --remeasured
+    benchmarks/results/prepare_at_scale.json`, JSON in
+    benchmarks/results/pod_plan_msmarco_bert_base_v5e_4x4.json): 2.61 h for the 2 rounds, no
+    stage over 1 h. Chips, from XLA's FLOPs of the real functions compiled for v5e:4x4 at an
+    assumed 40% of the 197 TFLOP/s peak: 1.64 h (teacher fine-tuning 4,162 steps x 2.32e14
+    FLOPs, 12.7 min; per round the teacher pass 25.7M pairs x 9.98e10, 33.9 min, training
+    1,040 steps x 3.28e14, 4.5 min, corpus encoding 8.8M x 2.25e10, 2.6 min). XLA counts the
+    train steps 15-30% below a hand count, so these may be optimistic. Hosts, from
+    benchmarks/scale_rehearsal.py at 2.2M passages / 125k queries on a 2-core CPU
+    (benchmarks/results/scale_rehearsal.json; preparation re-measured on current code,
+    benchmarks/prepare_at_scale.py: 3,811 passages/s), scaled to a v5e host's 112 vCPUs at 50%
+    efficiency where the code is threaded: 58 min, of which preparation 38.7 min (every host
+    prepares all 8.8M passages) and the BM25 index 9.2 min. Peak host RAM about 34 GB of 192
+    per host (the BM25 index ~20 GB, an upper bound scaled from the rehearsal's RSS).
 Teacher scoring per round (the filter's pass, rounds.mine_depth below): 502,939 training queries
     x 50 mined candidates + 532,761 labelled positives = 25,679,711 pairs; XLA's cost analysis of
     the scoring function (benchmarks/score_flops.py: teacher_forward, 32 + 128 tokens, bf16) gives
