@@ -238,19 +238,25 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
              if k in common}
     shown = {k: dict(v) for k, v in table.items()}
     per_row: dict[str, dict] = {}
-    for row in rows:
-        results = []
-        for seed in seeds if row in multi_seed_rows else seeds[:1]:
-            results.append({**_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)),
-                            "seed": seed})
-            logging.info("ablation row %s seed %d: %s", row, seed, results[-1])
-        agg = aggregate(results)
-        table[row] = agg
-        other_splits = [s for s, v in results[0].items() if isinstance(v, dict)]
-        per_row[row] = {"per_seed": results, **agg, **{s: aggregate([r[s] for r in results]) for s in other_splits}}
-        shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1 else agg[m]
-                      for m in METRICS}
-        artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
+    results: dict[str, list[dict]] = {row: [] for row in rows}
+    # Seed-major: every row's first seed before any row's second, so that a run cut off (or
+    # read while it runs) has all its rows on the same seeds, ready for a paired comparison.
+    for seed in seeds:
+        for row in rows:
+            if seed != seeds[0] and row not in multi_seed_rows:
+                continue
+            results[row].append({**_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)),
+                                 "seed": seed})
+            logging.info("ablation row %s seed %d: %s", row, seed, results[row][-1])
+            agg = aggregate(results[row])
+            table[row] = agg
+            other_splits = [s for s, v in results[row][0].items() if isinstance(v, dict)]
+            per_row[row] = {"per_seed": results[row], **agg,
+                            **{s: aggregate([r[s] for r in results[row]]) for s in other_splits}}
+            shown[row] = {m: {"mean": agg[m], "std": agg[f"{m}_std"], "n": agg["seeds"]} if agg["seeds"] > 1
+                          else agg[m] for m in METRICS}
+            artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row})
+    per_row = {row: per_row[row] for row in rows}  # the rows in the order asked for
     paired = paired_with_de(per_row, split)
     artifacts.write_json(layout.ablation_json, {**table, "split": split, "per_row": per_row,
                                                 **({"paired_vs_de": paired} if paired else {})})

@@ -153,6 +153,15 @@ def row_costs(workdir: str, row: str) -> dict[int, dict[str, float]]:
     return out
 
 
+def shared_costs(workdir: str) -> dict[str, float]:
+    """{stage: seconds} of an ablation's WORKDIR/shared/ (round 0 and round 1's mining and
+    teacher pass, run once for every row and seed); {} where it has none."""
+    path = os.path.join(workdir, "shared", "timings.json")
+    if not os.path.exists(path):
+        return {}
+    return {k: round(float(v), 1) for k, v in json.load(open(path)).items()}
+
+
 def summarize(values: list[float]) -> dict:
     a = np.asarray(values, np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
@@ -333,7 +342,8 @@ def run_comparison(baseline: tuple[str, list[Part]], rows: list[tuple[str, list[
     return {"baseline": base_name, "datasets": labels, "claim": CLAIM, "query_level": queries, "seed_level": seeds,
             "specs": {name: [dataclasses.asdict(p) for p in parts] for name, parts in specs},
             "per_query_files": files,
-            "cost_s": {name: {p.dataset: row_costs(p.workdir, p.row) for p in parts} for name, parts in specs}}
+            "cost_s": {name: {p.dataset: row_costs(p.workdir, p.row) for p in parts} for name, parts in specs},
+            "shared_cost_s": {p.dataset: shared_costs(p.workdir) for _, parts in specs for p in parts}}
 
 
 def _p(x: float) -> str:
@@ -384,6 +394,10 @@ def report_markdown(result: dict) -> str:
                 lines.append(f"| `{name}` | {label} | {s} | {sum(stages.values()):.0f} |")
     if lines[-1].startswith("| ---"):
         lines.append("| (no timings.json in these rows) | | | |")
+    for label, stages in result.get("shared_cost_s", {}).items():
+        if stages:
+            lines.append(f"\nShared by every row and seed on {label} (round 0, round 1's mining and teacher pass): "
+                         f"{sum(stages.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ").")
     lines += ["", f"Per-query files read: {len(q['files'])} (listed in compare.json).", ""]
     return "\n".join(lines)
 

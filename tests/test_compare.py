@@ -86,6 +86,8 @@ def test_old_results_without_per_query_files_fall_back_to_seed_statistics(tmp_pa
         _row(tmp_path, "de", seed, x, 0.6)
         _row(tmp_path, "x", seed, y, 0.6)
     (tmp_path / "rows" / "de_s0" / "timings.json").write_text(json.dumps({"rounds/r01/train": 61.25}))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "timings.json").write_text(json.dumps({"teacher": 600.04, "rounds/r01/score": 300.0}))
     out = subprocess.run([sys.executable, "-m", "md2pr_jax.compare", "--baseline", f"de={tmp_path}:de",
                           "--row", f"x={tmp_path}:x", "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True,
                          text=True)
@@ -94,6 +96,7 @@ def test_old_results_without_per_query_files_fall_back_to_seed_statistics(tmp_pa
     assert saved["command"].startswith("python -m md2pr_jax.compare --baseline")
     label = tmp_path.name  # no config.json: the workdir's name labels its dataset
     assert saved["cost_s"] == {"de": {label: {"0": {"rounds/r01/train": 61.2}}}, "x": {label: {}}}
+    assert saved["shared_cost_s"] == {label: {"teacher": 600.0, "rounds/r01/score": 300.0}}
     assert saved["query_level"]["tests"]["test"]["ndcg@10"] == {}
     assert saved["per_query_files"]["x"][label]["0"] == {"test": None, "dev": None}
     assert any("no per-query file for seed(s) [0, 1]" in m for m in saved["query_level"]["missing"])
@@ -101,6 +104,7 @@ def test_old_results_without_per_query_files_fall_back_to_seed_statistics(tmp_pa
     assert delta["mean"] == pytest.approx(0.025) and delta["n"] == 2
     text = (tmp_path / "cmp" / "COMPARE.md").read_text()
     assert "Query level: not available" in text and "## Seed statistics" in text and "+0.0250 ± 0.0050" in text
+    assert f"every row and seed on {label} (round 0, round 1's mining and teacher pass): 900 s" in text
 
 
 # --- query level -------------------------------------------------------------------------------

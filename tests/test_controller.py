@@ -93,6 +93,10 @@ def test_ablation_writes_every_row(tmp_path):
     for row in rows:
         assert 0.0 <= table[row]["ndcg@10"] <= 1.0
     assert table["de"]["seeds"] == table["md2pr"]["seeds"] == 2
+    # Seed-major: every row's first seed finished before any row's second (a run cut off has
+    # all its rows on the same seeds).
+    finished = lambda name: (work / "rows" / name / "results.json").stat().st_mtime_ns  # noqa: E731
+    assert max(finished(f"{r}_s0") for r in rows[3:]) < finished("de_s1") < finished("md2pr_s1")
     assert len({r["ndcg@10"] for r in table["per_row"]["de"]["per_seed"]}) == 2  # seeds differ
     # md2pr - de, paired by seed, on both splits.
     delta = table["paired_vs_de"]["rows"]["md2pr"]["test"]["delta"]["ndcg@10"]
