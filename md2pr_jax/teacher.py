@@ -259,21 +259,26 @@ class PairScorer:
             batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids[:, None], "p_mask": p_mask[:, None]}
             yield rows, jax.device_put(batch, self._rows)
 
-    def score(self, q_rows, d_rows, attn_out=None, desc: str = "teacher scoring", progress: bool = True) -> np.ndarray:
-        """q_rows, d_rows: int [N] -> logits float32 [N] (and attention into attn_out [N, P, Lq, Lp])."""
+    def score(self, q_rows, d_rows, attn_out=None, desc: str = "teacher scoring", progress=True) -> np.ndarray:
+        """q_rows, d_rows: int [N] -> logits float32 [N] (and attention into attn_out [N, P, Lq, Lp]).
+        progress: True for a bar of this call's batches, False for none, or a caller's tqdm bar
+        to advance by the pairs of each batch as it lands (a chunked pass's bar)."""
         q_rows, d_rows = np.asarray(q_rows), np.asarray(d_rows)
         n = len(q_rows)
         out = np.zeros(n, np.float32)
+        outer = None if isinstance(progress, bool) else progress
 
         def store(rows, scores, attn):
             m = len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
             out[rows] = np.asarray(scores)[:m, 0]
             if attn is not None and attn_out is not None:
                 attn_out[rows] = np.asarray(attn)[:m, :, 0]
+            if outer is not None:
+                outer.update(m)
 
         pending = None  # batch b+1 is dispatched before batch b is pulled to the host
         for rows, batch in tqdm(self._batches(q_rows, d_rows), total=-(-n // self.batch_size), desc=desc,
-                                unit="batch", dynamic_ncols=True, disable=not progress):
+                                unit="batch", dynamic_ncols=True, disable=outer is not None or not progress):
             result = (rows, *self._fn(self.params, batch))
             if pending is not None:
                 store(*pending)
@@ -301,7 +306,7 @@ class TeacherScorer:
         self.batch_size = self.scorers[0].batch_size
 
     def score(self, pairs_q: np.ndarray, pairs_d: np.ndarray, attn_out=None, desc: str = "teacher scoring",
-              progress: bool = True) -> np.ndarray:
+              progress=True) -> np.ndarray:
         """pairs_q, pairs_d: int [N] -> logits float32 [N] (attention into attn_out, as PairScorer)."""
         pairs_q, pairs_d = np.asarray(pairs_q), np.asarray(pairs_d)
         if len(self.scorers) == 1:
@@ -366,11 +371,11 @@ def score_in_chunks(scorer, pairs_q: np.ndarray, pairs_d: np.ndarray, folder, ch
     for c in todo:
         a, b = c * chunk, min(n, (c + 1) * chunk)
         attn = None if attn_tail is None else np.zeros((b - a, *attn_tail), ml_dtypes.bfloat16)
-        logits = scorer.score(pairs_q[a:b], pairs_d[a:b], attn_out=attn, progress=False)
+        # The bar moves with every batch: a chunk can take the whole pass (one chunk of 65k pairs).
+        logits = scorer.score(pairs_q[a:b], pairs_d[a:b], attn_out=attn, progress=bar)
         arrays = {"logits": logits} if attn is None else {"logits": logits, "attn": attn.view(np.uint16)}
         artifacts.save_arrays(folder / _chunk_name(c), **arrays)
         scored += b - a
-        bar.update(b - a)
     bar.close()
     shd.barrier(f"{desc}: chunks written")
     out = np.zeros(n, np.float32)

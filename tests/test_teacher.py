@@ -152,3 +152,33 @@ def test_two_processes_split_the_chunks_and_the_bm25_queries(tmp_path):
         assert g["logits_diff"] <= 1e-5
         assert g["bm25_idx_equal"] and g["bm25_scores_equal"] and g["bm25_shape"] == [53, 7]
         assert g["bm25_idx_dtype"] == "int64"
+
+
+def test_a_chunked_pass_moves_its_bar_with_every_batch(tmp_path, monkeypatch):
+    """One chunk holding the whole pass (the default 65k-pair chunk at SciFact's size) still
+    moves the progress bar batch by batch, by the pairs each batch scored."""
+    from md2pr_jax import teacher as teacher_mod
+
+    updates = []
+
+    class Bar:  # tqdm's interface as the scorer uses it: a bar to update, or an iterable to wrap
+        def __init__(self, iterable=(), **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, k):
+            updates.append(k)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(teacher_mod, "tqdm", Bar)
+    config = make_tiny_config(**{"teacher_train.score_batch_size": 16})
+    scorer = teacher_mod.TeacherScorer(config, teacher_from_config(config), _Tokens(), [init_teacher_params(config)],
+                                       batch_size=16)
+    q, d = np.arange(40) % 5, np.arange(40) % 7
+    logits, info = teacher_mod.score_in_chunks(scorer, q, d, tmp_path / "chunks", chunk=1024)
+    assert info["chunks"] == 1 and updates == [16, 16, 8]
+    np.testing.assert_allclose(logits, scorer.score(q, d, progress=False), atol=1e-6)
