@@ -701,3 +701,15 @@ def test_local_sh_runs_on_cpu_here(tmp_path):
     _check(proc, "local.sh prepare")
     expected = "cuda" if shutil.which("nvidia-smi") and "JAX has no CUDA" not in proc.stdout else "cpu"
     assert f"local.sh: JAX_PLATFORMS={expected} config=configs/debug.py" in proc.stdout
+
+
+def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp_path):
+    """launch/distill_experiment.sh: an unknown stage prints its usage (exit 2); `compare` before
+    any ablation has finished says so and fails instead of writing an empty comparison."""
+    script = os.path.join(ROOT, "launch", "distill_experiment.sh")
+    bad = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable)
+    empty = subprocess.run(["bash", script, "compare"], capture_output=True, text=True, timeout=60, env=env)
+    assert empty.returncode != 0 and "no finished rows under" in empty.stderr
+    assert not (tmp_path / "runs").exists()
