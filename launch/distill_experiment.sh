@@ -50,13 +50,11 @@ compare() {
   echo "wrote $OUT/vs_de and $OUT/md2pr_vs_de_sent"
 }
 
+scifact() { run_dataset scifact configs/scifact_minilm_l3.py; }
+nfcorpus() { run_dataset nfcorpus configs/nfcorpus_minilm.py --config.data.max_train_queries=1000; }
+
 case "${1:-all}" in
-  scifact) run_dataset scifact configs/scifact_minilm_l3.py ;;
-  nfcorpus) run_dataset nfcorpus configs/nfcorpus_minilm.py --config.data.max_train_queries=1000 ;;
-  compare) compare ;;
-  all)
-    run_dataset scifact configs/scifact_minilm_l3.py
-    run_dataset nfcorpus configs/nfcorpus_minilm.py --config.data.max_train_queries=1000
-    compare ;;
+  scifact|nfcorpus|compare) "$1" ;;
+  all) scifact; nfcorpus; compare ;;
   *) echo "usage: $0 [all|scifact|nfcorpus|compare]" >&2; exit 2 ;;
 esac

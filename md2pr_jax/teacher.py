@@ -311,6 +311,10 @@ class TeacherScorer:
         pairs_q, pairs_d = np.asarray(pairs_q), np.asarray(pairs_d)
         if len(self.scorers) == 1:
             return self.scorers[0].score(pairs_q, pairs_d, attn_out=attn_out, desc=desc, progress=progress)
+        # A caller's bar moves once for the whole call: queries of no fold pass through every
+        # fold teacher, so per-batch updates from the folds would count them several times.
+        outer = None if isinstance(progress, bool) else progress
+        progress = progress if outer is None else False
         fold = np.array([self.fold_of.get(int(q), -1) for q in pairs_q], np.int64)
         logits = np.zeros(len(pairs_q), np.float32)
         for k, scorer in enumerate(self.scorers):
@@ -325,6 +329,8 @@ class TeacherScorer:
             if attn is not None:
                 mine = (fold[sel] == k) | (shared & (k == 0))
                 attn_out[sel[mine]] = attn[mine]
+        if outer is not None:
+            outer.update(len(pairs_q))
         return logits
 
 
