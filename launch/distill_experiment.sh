@@ -9,8 +9,15 @@
 #   bash launch/distill_experiment.sh scifact    # one dataset only (run the two side by side)
 #   bash launch/distill_experiment.sh compare    # only the comparisons, on what has finished
 #
+# Then the settings chosen on dev (md2pr_jax.dev_tune: the same grid for every row, dev only,
+# sharing the dataset's finished stages), each row at its choice with every seed, and the
+# comparisons of those rows:
+#   bash launch/distill_experiment.sh tune scifact      # (or nfcorpus) after `scifact` finished
+#   bash launch/distill_experiment.sh compare-tuned
+#
 # Environment: MD2PR_DATA_DIR (default ../shared/data), RUNS (default runs/distill),
-# SEEDS (default 0,1,2), PYTHON (default .venv/bin/python).
+# SEEDS (default 0,1,2), PYTHON (default .venv/bin/python), TUNE_GRID (default
+# "train.epochs=1,3 train.lr=3e-5,1e-4": space-separated KEY=V1,V2 of row keys).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -23,16 +30,42 @@ OUT=docs/results/distill_l3
 # round, 10 mined candidates per query, the teacher's rerank (which chooses the hybrid
 # weight on dev) at BM25's top 20, 100 teacher steps; NFCorpus trains on 1,000 of its 2,590
 # training queries.
-COMMON=(--seeds "$SEEDS" --rows de,de_sent,md2pr --multi_seed_rows de,de_sent,md2pr
-        --config.rounds.num_rounds=1 --config.rounds.mine_depth=10
-        --config.teacher_train.rerank_depth=20 --config.teacher_train.max_steps=100)
+CUTS=(--config.rounds.num_rounds=1 --config.rounds.mine_depth=10
+      --config.teacher_train.rerank_depth=20 --config.teacher_train.max_steps=100)
+ROWS=de,de_sent,md2pr
+read -r -a GRID <<<"${TUNE_GRID:-train.epochs=1,3 train.lr=3e-5,1e-4}"
+
+# name -> "config file and its flags" (NFCorpus trains on 1,000 of its 2,590 queries).
+dataset_args() {
+  case $1 in
+    scifact) echo configs/scifact_minilm_l3.py ;;
+    nfcorpus) echo configs/nfcorpus_minilm.py --config.data.max_train_queries=1000 ;;
+  esac
+}
 
 run_dataset() {
-  local name=$1 config=$2; shift 2
+  local name=$1 args
+  read -r -a args <<<"$(dataset_args "$name")"
   mkdir -p "$RUNS"
   echo "== $name: $RUNS/$name (log $RUNS/$name.log)"
-  "$PYTHON" -m md2pr_jax.ablation --config "$config" --workdir "$RUNS/$name" "${COMMON[@]}" "$@" \
-    >>"$RUNS/$name.log" 2>&1
+  "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" "${CUTS[@]}" --workdir "$RUNS/$name" \
+    --seeds "$SEEDS" --rows $ROWS --multi_seed_rows $ROWS >>"$RUNS/$name.log" 2>&1
+}
+
+# The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its
+# chosen point with every seed on test and dev (RUNS/NAME_tuned/ROW); tune.json and TUNE.md
+# to docs/results/distill_l3/tune_NAME/.
+tune() {
+  local name=$1 args grid=()
+  [[ -n $name && -n $(dataset_args "$name") ]] || { echo "usage: $0 tune scifact|nfcorpus" >&2; exit 2; }
+  [[ -f "$RUNS/$name/shared/rounds/r01/score/DONE" ]] || {
+    echo "$RUNS/$name has no finished round-1 teacher pass: run \`$0 $name\` first" >&2; exit 1; }
+  read -r -a args <<<"$(dataset_args "$name")"
+  for g in "${GRID[@]}"; do grid+=(--grid "$g"); done
+  echo "== tune $name: $RUNS/${name}_tune, then $RUNS/${name}_tuned (log $RUNS/${name}_tune.log)"
+  "$PYTHON" -m md2pr_jax.dev_tune --config "${args[@]}" "${CUTS[@]}" --source "$RUNS/$name" \
+    --workdir "$RUNS/${name}_tune" --rows $ROWS "${grid[@]}" --final_workdir "$RUNS/${name}_tuned" \
+    --final_seeds "$SEEDS" --results_dir "$OUT/tune_$name" >>"$RUNS/${name}_tune.log" 2>&1
 }
 
 compare() {
@@ -50,11 +83,34 @@ compare() {
   echo "wrote $OUT/vs_de and $OUT/md2pr_vs_de_sent"
 }
 
-scifact() { run_dataset scifact configs/scifact_minilm_l3.py; }
-nfcorpus() { run_dataset nfcorpus configs/nfcorpus_minilm.py --config.data.max_train_queries=1000; }
+# Tuned rows of both datasets (a row NAME given again adds the other dataset's runs to it).
+compare_tuned() {
+  local name row found=0
+  for name in scifact nfcorpus; do [[ -d "$RUNS/${name}_tuned/de/rows" ]] && found=1; done
+  if [[ $found -eq 0 ]]; then echo "no tuned rows under $RUNS yet (run \`$0 tune NAME\`)" >&2; return 1; fi
+  specs() {  # --baseline for the first dataset's $1, --row for the rest and for $2
+    local flag=--baseline
+    for name in scifact nfcorpus; do
+      [[ -d "$RUNS/${name}_tuned/$1/rows" ]] && { echo "$flag $1=$RUNS/${name}_tuned/$1:$1"; flag=--row; }
+    done
+    for name in scifact nfcorpus; do
+      for row in ${2//,/ }; do
+        [[ -d "$RUNS/${name}_tuned/$row/rows" ]] && echo "--row $row=$RUNS/${name}_tuned/$row:$row"
+      done
+    done
+  }
+  # shellcheck disable=SC2046  # each line is one flag and its value, without spaces
+  "$PYTHON" -m md2pr_jax.compare $(specs de de_sent,md2pr) --out "$OUT/tuned_vs_de" >/dev/null
+  # shellcheck disable=SC2046
+  "$PYTHON" -m md2pr_jax.compare $(specs de_sent md2pr) --out "$OUT/tuned_md2pr_vs_de_sent" >/dev/null
+  echo "wrote $OUT/tuned_vs_de and $OUT/tuned_md2pr_vs_de_sent"
+}
 
 case "${1:-all}" in
-  scifact|nfcorpus|compare) "$1" ;;
-  all) scifact; nfcorpus; compare ;;
-  *) echo "usage: $0 [all|scifact|nfcorpus|compare]" >&2; exit 2 ;;
+  scifact|nfcorpus) run_dataset "$1" ;;
+  compare) compare ;;
+  all) run_dataset scifact; run_dataset nfcorpus; compare ;;
+  tune) tune "${2:-}" ;;
+  compare-tuned) compare_tuned ;;
+  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned]" >&2; exit 2 ;;
 esac

@@ -57,6 +57,16 @@ RERANK_KEYS = ("teacher_train.rerank_depth",)
 # Keys round 0 never reads (the pseudo-queries join from round 1's mining on): where they
 # differ, round 0 is linked but round 1's mining and teacher pass are run anew.
 PSEUDO_KEYS = ("data.pseudo_queries", "data.pseudo_kind")
+# The split reported first. Every stage evaluates it and dev (`rounds.stages.evaluated_splits`),
+# so a run evaluated on any split serves one that asks for dev alone (a sweep that chooses on
+# dev and never computes test: `md2pr_jax.dev_tune`); other differences are refused.
+EVAL_KEYS = ("data.eval_split",)
+
+
+def _serves_eval_split(saved: dict, ours: dict) -> bool:
+    """Whether the stages of a run saved with `saved` hold every split a run of `ours` reports."""
+    theirs, want = saved.get("data", {}).get("eval_split", "test"), ours["data"]["eval_split"]
+    return want in (theirs, "dev")
 
 
 def _comparable(cfg_dict: dict, ignore: tuple[str, ...] = ()) -> dict:
@@ -109,14 +119,16 @@ def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     if saved is None:
         raise SystemExit(f"--reuse_from {src}: no {base.config_json} (neither a pipeline nor an ablation workdir)")
     ours = json.loads(config.to_json_best_effort())
-    free = ROW_KEYS + RERANK_KEYS + PSEUDO_KEYS
+    split_free = EVAL_KEYS if _serves_eval_split(saved, ours) else ()
+    free = ROW_KEYS + RERANK_KEYS + PSEUDO_KEYS + split_free
     diff = _differences(_comparable(saved, free), _comparable(ours, free))
     if diff:
         raise SystemExit(f"--reuse_from {src}: its config differs from this one in {diff}; only the name, "
-                         f"rounds.num_rounds, {', '.join(RERANK_KEYS + PSEUDO_KEYS)} and the row keys "
-                         f"{', '.join(ROW_KEYS)} may differ")
-    same_rerank = not _differences(_comparable(saved, ROW_KEYS + PSEUDO_KEYS), _comparable(ours, ROW_KEYS + PSEUDO_KEYS))
-    same_pseudo = not _differences(_comparable(saved, ROW_KEYS + RERANK_KEYS), _comparable(ours, ROW_KEYS + RERANK_KEYS))
+                         f"rounds.num_rounds, {', '.join(RERANK_KEYS + PSEUDO_KEYS)}, the row keys "
+                         f"{', '.join(ROW_KEYS)} and data.eval_split=dev may differ")
+    rest = ROW_KEYS + split_free
+    same_rerank = not _differences(_comparable(saved, rest + PSEUDO_KEYS), _comparable(ours, rest + PSEUDO_KEYS))
+    same_pseudo = not _differences(_comparable(saved, rest + RERANK_KEYS), _comparable(ours, rest + RERANK_KEYS))
     round1 = (round_stage(1, "mine"), round_stage(1, "score"))
     finished = [stage for stage in SHARED_STAGES if linkable(base, stage) and (stage != "rerank" or same_rerank)
                 and (stage not in round1 or same_pseudo)]
@@ -127,8 +139,9 @@ def reuse_run(config, source: str, workdir: Layout) -> list[str]:
     for row_src in sources:
         saved_row = artifacts.read_json(row_src.config_json) or {}
         seed = int(saved_row.get("train", {}).get("seed", config.train.seed))
-        theirs = _comparable(saved_row)
-        row = next((r for r in ROWS if _comparable(row_config(config, r, seed).to_dict()) == theirs), None)
+        row_free = EVAL_KEYS if saved_row and _serves_eval_split(saved_row, ours) else ()
+        theirs = _comparable(saved_row, row_free)
+        row = next((r for r in ROWS if _comparable(row_config(config, r, seed).to_dict(), row_free) == theirs), None)
         if row is not None:
             linked += _link_rounds(config, row_src, workdir.row(row, seed))
     return [x for x in linked if x]

@@ -705,11 +705,18 @@ def test_local_sh_runs_on_cpu_here(tmp_path):
 
 def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp_path):
     """launch/distill_experiment.sh: an unknown stage prints its usage (exit 2); `compare` before
-    any ablation has finished says so and fails instead of writing an empty comparison."""
+    any ablation has finished says so and fails instead of writing an empty comparison; `tune`
+    wants a known dataset whose round-1 teacher pass has finished."""
     script = os.path.join(ROOT, "launch", "distill_experiment.sh")
     bad = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage:" in bad.stderr
     env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable)
     empty = subprocess.run(["bash", script, "compare"], capture_output=True, text=True, timeout=60, env=env)
     assert empty.returncode != 0 and "no finished rows under" in empty.stderr
+    # The dev tuning needs a dataset name and that dataset's finished round-1 teacher pass.
+    for args, code, says in [(["tune"], 2, "usage:"), (["tune", "msmarco"], 2, "usage:"),
+                             (["tune", "scifact"], 1, "no finished round-1 teacher pass"),
+                             (["compare-tuned"], 1, "no tuned rows under")]:
+        proc = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == code and says in proc.stderr, (args, proc.returncode, proc.stderr)
     assert not (tmp_path / "runs").exists()
