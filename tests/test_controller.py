@@ -289,6 +289,9 @@ def test_hybrid_weight_from_dev_takes_the_sweeps_best_and_labels_with_it(tmp_pat
     assert stages.hybrid_weight(config, sweep) == 1.0  # the fixed weight unless asked
     config.teacher.bm25_weight_from_dev = True
     assert stages.hybrid_weight(config, sweep) == 3.0  # dev's best, not test's
+    edge = {"hybrid_sweep": {"dev": {str(w): w / 100 for w in stages.HYBRID_SWEEP}}}
+    assert stages.weight_at_edge(config, stages.hybrid_weight(config, edge))  # dev wants more BM25 than swept
+    assert not stages.weight_at_edge(config, 3.0)
     with pytest.raises(ValueError, match="bm25_weight_from_dev needs the rerank stage's sweep on a 'dev' split"):
         stages.hybrid_weight(config, {"hybrid_sweep": {"test": {"0.0": 0.1}}})
     with pytest.raises(ConfigError, match="rerank_depth > 0"):

@@ -415,6 +415,11 @@ def rerank(ctx: Context) -> dict:
         logging.info("rerank %s (BM25 top %d): teacher %s; nDCG@10 by bm25_weight %s", split, depth,
                      out["teacher_rerank"][split], out["hybrid_sweep"][split])
     weight = hybrid_weight(cfg, out)
+    if weight_at_edge(cfg, weight):
+        out["bm25_weight_at_edge"] = True
+        logging.warning("rerank: the best dev bm25_weight is the sweep's largest (%s): the hybrid teacher is "
+                        "mostly BM25 on this dataset (teacher alone on dev: nDCG@10 %.4f)", weight,
+                        out["hybrid_sweep"]["dev"]["0.0"])
     if weight > 0:
         out["bm25_weight"] = weight
         out["hybrid_rerank"] = {split: _rerank_metrics(ctx, split, q, d, ce + weight * lexical, "hybrid_rerank")
@@ -441,6 +446,12 @@ def best_dev_weight(sweep: dict[str, float]) -> float:
     if not sweep:
         raise ValueError("the rerank stage's hybrid sweep on dev is empty")
     return min((-score, float(w)) for w, score in sweep.items())[1]
+
+
+def weight_at_edge(config, weight: float) -> bool:
+    """Whether dev chose the sweep's largest BM25 weight: more BM25 might do better still, so the
+    teacher adds little to BM25 on this dataset (the rerank stage warns and says so in its result)."""
+    return bool(config.teacher.bm25_weight_from_dev) and weight >= max(HYBRID_SWEEP)
 
 
 def hybrid_weight(config, rerank_result: dict) -> float:
