@@ -8,6 +8,14 @@ A row is `NAME=SPEC`, SPEC one of `ROW` (that row in every --dataset workdir), `
 given again adds another dataset's runs to the same row. `ROW` names the runs
 WORKDIR/rows/ROW_s<seed>/ of an ablation (any number of seeds).
 
+WORKDIR may also be an archive: a folder of per-query files named
+`<label>.<row>_s<seed>.<split>.json` (and their costs in `costs.json`), as `--archive DIR`
+writes them beside a comparison. A comparison committed with its archive is then rerun, or
+pooled with a dataset run later, from the repository alone, after the runs are gone:
+
+    python -m md2pr_jax.compare --dataset scifact=docs/results/X/per_query \
+        --dataset nfcorpus=runs/abl_nf --baseline de=de --row md2pr=md2pr --archive docs/results/X/per_query
+
 Query level (what a claim rests on): each query's metric in each seed's per-query file
 (rounds/rNN/eval/per_query/, `retrieval.per_query`) is averaged over the seeds the row shares
 with the baseline, then `significance.paired_test` gives, per split and metric, for each dataset
@@ -74,8 +82,78 @@ def parse_spec(spec: str, datasets: dict[str, str] | None = None) -> tuple[str, 
     return name, [Part(dataset_label(workdir, row), workdir, row)]
 
 
+# ---------------------------------------------------------------------- archives
+ARCHIVE_COSTS = "costs.json"
+
+
+def is_archive(folder: str) -> bool:
+    """A folder of per-query files (`archive_name`), not an ablation workdir (no rows/)."""
+    return os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, "rows")) and any(
+        n.endswith(".json") and n != ARCHIVE_COSTS for n in os.listdir(folder))
+
+
+def archive_name(label: str, row: str, seed: int, split: str) -> str:
+    return f"{label}.{row}_s{seed}.{split}.json"
+
+
+def archived_files(folder: str, label: str, row: str) -> dict[int, dict[str, str]]:
+    """seed -> {split: path} of the archive's files of `row` on dataset `label`."""
+    pattern = re.compile(rf"^{re.escape(label)}\.{re.escape(row)}_s(?P<seed>\d+)\.(?P<split>[^.]+)\.json$")
+    out: dict[int, dict[str, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = pattern.match(name)
+        if m:
+            out.setdefault(int(m["seed"]), {})[m["split"]] = os.path.join(folder, name)
+    if not out:
+        raise FileNotFoundError(f"no {archive_name(label, row, 0, 'SPLIT').replace('_s0', '_s<seed>')} files in "
+                                f"the archive {folder}")
+    return out
+
+
+def _archive_costs(folder: str) -> dict:
+    path = os.path.join(folder, ARCHIVE_COSTS)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def write_archive(result: dict, folder: str) -> list[str]:
+    """Copy every per-query file a comparison read into `folder` under `archive_name`, and merge
+    its rows' costs (and each dataset's shared cost) into folder/costs.json. Returns the names
+    written. Files already in `folder` are left as they are."""
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    costs = _archive_costs(folder)
+    for name, parts in result["specs"].items():
+        for part in parts:
+            label, row = part["dataset"], part["row"]
+            for seed, by_split in result["per_query_files"][name][label].items():
+                for split, src in by_split.items():
+                    dest = os.path.join(folder, archive_name(label, row, int(seed), split))
+                    if src and os.path.abspath(src) != os.path.abspath(dest):
+                        shutil.copyfile(src, dest)
+                        written.append(os.path.basename(dest))
+            by_seed = result["cost_s"][name][label]
+            if by_seed:
+                costs.setdefault(label, {}).setdefault("rows", {})[row] = {str(s): v for s, v in by_seed.items()}
+    for label, stages in result.get("shared_cost_s", {}).items():
+        if stages:
+            costs.setdefault(label, {})["shared"] = stages
+    with open(os.path.join(folder, ARCHIVE_COSTS), "w") as f:
+        json.dump(costs, f, indent=1, sort_keys=True)
+    return written
+
+
 def dataset_label(workdir: str, row: str) -> str:
-    """The dataset of a row's runs (config.data.dataset of its first seed), else the workdir's name."""
+    """The dataset of a row's runs (config.data.dataset of its first seed; in an archive, the
+    one label its files of `row` carry), else the workdir's name."""
+    if is_archive(workdir):
+        pattern = re.compile(rf"^(?P<label>[^.]+)\.{re.escape(row)}_s\d+\.[^.]+\.json$")
+        labels = sorted({m["label"] for m in map(pattern.match, os.listdir(workdir)) if m})
+        if len(labels) != 1:
+            raise ValueError(f"the archive {workdir} holds {row!r} for {labels or 'no dataset'}: name one as "
+                             f"LABEL@{workdir}:{row}")
+        return labels[0]
     rows_dir = os.path.join(workdir, "rows")
     for name in sorted(os.listdir(rows_dir)) if os.path.isdir(rows_dir) else []:
         m = _SEED_DIR.match(name)
@@ -120,16 +198,22 @@ def _finished(workdir: str, row: str, rnd: int | None) -> dict[int, dict]:
     return out
 
 
-def row_runs(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict]:
+def row_runs(workdir: str, row: str, rnd: int | None = None, label: str | None = None) -> dict[int, dict]:
     """seed -> {split: {metric: value}} of round `rnd` (default: the last finished round) of
-    every WORKDIR/rows/ROW_s<seed>/ that finished it."""
+    every WORKDIR/rows/ROW_s<seed>/ that finished it; from an archive, its files' means."""
+    if is_archive(workdir):
+        return {seed: {s: {k: per_query.read_metrics(p)["mean"][k] for k in METRICS} for s, p in by_split.items()}
+                for seed, by_split in archived_files(workdir, label or dataset_label(workdir, row), row).items()}
     return {seed: {s: {k: v[k] for k in METRICS} for s, v in rec["metrics"].items()}
             for seed, rec in _finished(workdir, row, rnd).items()}
 
 
-def row_per_query(workdir: str, row: str, rnd: int | None = None) -> dict[int, dict[str, str | None]]:
+def row_per_query(workdir: str, row: str, rnd: int | None = None,
+                  label: str | None = None) -> dict[int, dict[str, str | None]]:
     """seed -> {split: the per-query file of that seed's chosen round's student on split, or
     None where the run kept none (evaluated before per-query files were written)}."""
+    if is_archive(workdir):
+        return archived_files(workdir, label or dataset_label(workdir, row), row)
     out = {}
     for seed, rec in _finished(workdir, row, rnd).items():
         folder = Layout.at(workdir).row(row, seed).per_query_dir(round_stage(int(rec["round"]), "eval"))
@@ -140,9 +224,13 @@ def row_per_query(workdir: str, row: str, rnd: int | None = None) -> dict[int, d
     return out
 
 
-def row_costs(workdir: str, row: str) -> dict[int, dict[str, float]]:
+def row_costs(workdir: str, row: str, label: str | None = None) -> dict[int, dict[str, float]]:
     """seed -> {stage: seconds} of every WORKDIR/rows/ROW_s<seed>/ (its own stages' timings.json;
-    stages linked from elsewhere cost nothing here and are not listed)."""
+    stages linked from elsewhere cost nothing here and are not listed); from an archive, what
+    its costs.json kept."""
+    if is_archive(workdir):
+        kept = _archive_costs(workdir).get(label or dataset_label(workdir, row), {}).get("rows", {}).get(row, {})
+        return {int(s): v for s, v in kept.items()}
     rows_dir = os.path.join(workdir, "rows")
     out = {}
     for name in sorted(os.listdir(rows_dir)):
@@ -153,9 +241,11 @@ def row_costs(workdir: str, row: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def shared_costs(workdir: str) -> dict[str, float]:
+def shared_costs(workdir: str, label: str | None = None) -> dict[str, float]:
     """{stage: seconds} of an ablation's WORKDIR/shared/ (round 0 and round 1's mining and
     teacher pass, run once for every row and seed); {} where it has none."""
+    if label and is_archive(workdir):
+        return _archive_costs(workdir).get(label, {}).get("shared", {})
     path = os.path.join(workdir, "shared", "timings.json")
     if not os.path.exists(path):
         return {}
@@ -325,8 +415,9 @@ def run_comparison(baseline: tuple[str, list[Part]], rows: list[tuple[str, list[
     """The whole comparison (compare.json less its command): query-level tests, seed statistics
     per dataset, the specs, the per-query files found and each row's cost per seed."""
     specs = [baseline, *rows]
-    runs = {name: {p.dataset: row_runs(p.workdir, p.row, rnd) for p in parts} for name, parts in specs}
-    files = {name: {p.dataset: row_per_query(p.workdir, p.row, rnd) for p in parts} for name, parts in specs}
+    runs = {name: {p.dataset: row_runs(p.workdir, p.row, rnd, p.dataset) for p in parts} for name, parts in specs}
+    files = {name: {p.dataset: row_per_query(p.workdir, p.row, rnd, p.dataset) for p in parts}
+             for name, parts in specs}
     for name, _ in specs:
         for label, by_seed in files[name].items():
             check_means(by_seed, runs[name][label])
@@ -342,8 +433,8 @@ def run_comparison(baseline: tuple[str, list[Part]], rows: list[tuple[str, list[
     return {"baseline": base_name, "datasets": labels, "claim": CLAIM, "query_level": queries, "seed_level": seeds,
             "specs": {name: [dataclasses.asdict(p) for p in parts] for name, parts in specs},
             "per_query_files": files,
-            "cost_s": {name: {p.dataset: row_costs(p.workdir, p.row) for p in parts} for name, parts in specs},
-            "shared_cost_s": {p.dataset: shared_costs(p.workdir) for _, parts in specs for p in parts}}
+            "cost_s": {name: {p.dataset: row_costs(p.workdir, p.row, p.dataset) for p in parts} for name, parts in specs},
+            "shared_cost_s": {p.dataset: shared_costs(p.workdir, p.dataset) for _, parts in specs for p in parts}}
 
 
 def _p(x: float) -> str:
@@ -411,6 +502,9 @@ _ROUND = flags.DEFINE_integer("round", None, "The round to compare (default: eac
 _PERMUTATIONS = flags.DEFINE_integer("permutations", significance.PERMUTATIONS, "Sign flips of the randomization test.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the randomization test's sign flips.")
 _OUT = flags.DEFINE_string("out", None, "Folder for compare.json and COMPARE.md.")
+_ARCHIVE = flags.DEFINE_string("archive", None, "Folder to copy the per-query files read into (as "
+                               "LABEL.ROW_s<seed>.SPLIT.json) with the rows' costs (costs.json): a "
+                               "WORKDIR the comparison can be rerun from once the runs are gone.")
 
 
 def main(argv) -> None:
@@ -436,6 +530,9 @@ def main(argv) -> None:
             json.dump(result, f, indent=2)
         with open(os.path.join(_OUT.value, "COMPARE.md"), "w") as f:
             f.write(text)
+    if _ARCHIVE.value:
+        written = write_archive(result, _ARCHIVE.value)
+        print(f"archived {len(written)} per-query files in {_ARCHIVE.value}", file=sys.stderr)
     print(text)
 
 

@@ -211,3 +211,39 @@ def test_cli_pools_labelled_workdirs_and_refuses_stale_files(tmp_path):
     stale.write_text(json.dumps(d))
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "good_s0" in out.stderr and "stale" in out.stderr
+
+
+def test_an_archive_reruns_the_comparison_after_the_runs_are_gone(tmp_path):
+    """--archive copies the per-query files read (and the rows' costs); the comparison rerun
+    from the archive, pooled with a workdir, gives the same tests once the runs are deleted."""
+    import shutil
+
+    work = _two_datasets(tmp_path, n=(40, 50), seeds=(0, 1))
+    timing = work["scifact"] / "rows" / "good_s1" / "timings.json"
+    timing.write_text(json.dumps({"rounds/r01/train": 12.5}))
+    archive = tmp_path / "archive"
+    run = lambda *args: subprocess.run([sys.executable, "-m", "md2pr_jax.compare", *args, "--permutations", "500"],  # noqa: E731
+                                       cwd=ROOT, capture_output=True, text=True)
+    rows = ["--baseline", "de=de", "--row", "good=good", "--row", "null=null"]
+    out = run("--dataset", f"scifact={work['scifact']}", "--dataset", f"nfcorpus={work['nfcorpus']}", *rows,
+              "--out", str(tmp_path / "a"), "--archive", str(archive))
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in archive.iterdir())
+    assert len(names) == 2 * 3 * 2 + 1 and "scifact.good_s1.test.json" in names and "nfcorpus.de_s0.test.json" in names
+    assert json.loads((archive / "costs.json").read_text())["scifact"]["rows"]["good"] == {"1": {"rounds/r01/train": 12.5}}
+    shutil.rmtree(work["scifact"])
+    out = run("--dataset", f"scifact={archive}", "--dataset", f"nfcorpus={work['nfcorpus']}", *rows,
+              "--out", str(tmp_path / "b"))
+    assert out.returncode == 0, out.stderr
+    a, b = (json.loads((tmp_path / d / "compare.json").read_text()) for d in "ab")
+    assert a["query_level"]["tests"] == b["query_level"]["tests"] and a["seed_level"] == b["seed_level"]
+    assert b["cost_s"]["good"]["scifact"] == {"1": {"rounds/r01/train": 12.5}}
+    assert all(f.startswith(str(archive)) for f in b["per_query_files"]["good"]["scifact"]["0"].values())
+    # An unlabelled archive spec takes the one dataset its files of that row carry; two is an error.
+    with pytest.raises(ValueError, match="name one as LABEL@"):
+        compare.parse_spec(f"x={archive}:good")
+    for f in archive.glob("nfcorpus.good_s*"):
+        f.unlink()
+    assert compare.parse_spec(f"x={archive}:good") == ("x", [compare.Part("scifact", str(archive), "good")])
+    with pytest.raises(FileNotFoundError, match="no scifact.md2pr_s<seed>.SPLIT.json files"):
+        compare.row_runs(str(archive), "md2pr", label="scifact")

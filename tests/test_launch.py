@@ -710,9 +710,10 @@ def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp
     script = os.path.join(ROOT, "launch", "distill_experiment.sh")
     bad = subprocess.run(["bash", script, "everything"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage:" in bad.stderr
-    env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable)
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable, OUT=str(tmp_path / "out"))
     empty = subprocess.run(["bash", script, "compare"], capture_output=True, text=True, timeout=60, env=env)
     assert empty.returncode != 0 and "no finished rows under" in empty.stderr
+    assert not (tmp_path / "out").exists()
     # The dev tuning needs a dataset name and that dataset's finished round-1 teacher pass.
     for args, code, says in [(["tune"], 2, "usage:"), (["tune", "msmarco"], 2, "usage:"),
                              (["tune", "scifact"], 1, "no finished round-1 teacher pass"),
@@ -720,3 +721,22 @@ def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp
         proc = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == code and says in proc.stderr, (args, proc.returncode, proc.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+def test_distill_experiment_compares_from_the_committed_archive(tmp_path):
+    """With no runs left, `compare` reads a dataset's committed per-query archive: the SciFact
+    comparison committed in docs/results/distill_l3/vs_de comes back test for test."""
+    committed = os.path.join(ROOT, "docs", "results", "distill_l3")
+    shutil.copytree(os.path.join(committed, "per_query"), tmp_path / "out" / "per_query",
+                    ignore=shutil.ignore_patterns("nfcorpus.*"))
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "distill_experiment.sh"), "compare"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "scifact: no finished ablation under" in proc.stderr
+    for name in ("vs_de", "md2pr_vs_de_sent"):
+        old, new = (json.load(open(os.path.join(d, name, "compare.json"))) for d in (committed, tmp_path / "out"))
+        assert new["datasets"] == ["scifact"]
+        assert new["query_level"]["tests"] == {s: {m: {"scifact": t["scifact"]} for m, t in by_m.items()}
+                                                for s, by_m in old["query_level"]["tests"].items()}
+        assert new["cost_s"] == {r: {"scifact": c["scifact"]} for r, c in old["cost_s"].items()}
