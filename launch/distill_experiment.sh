@@ -99,21 +99,22 @@ compare_tuned() {
   local name row found=0
   for name in scifact nfcorpus; do [[ -d "$RUNS/${name}_tuned/de/rows" ]] && found=1; done
   if [[ $found -eq 0 ]]; then echo "no tuned rows under $RUNS yet (run \`$0 tune NAME\`)" >&2; return 1; fi
-  specs() {  # --baseline for the first dataset's $1, --row for the rest and for $2
+  specs() {  # one flag or value per line: --baseline for the first dataset's $1, --row for the rest and for $2
     local flag=--baseline
     for name in scifact nfcorpus; do
-      [[ -d "$RUNS/${name}_tuned/$1/rows" ]] && { echo "$flag $1=$RUNS/${name}_tuned/$1:$1"; flag=--row; }
+      [[ -d "$RUNS/${name}_tuned/$1/rows" ]] && { printf '%s\n' "$flag" "$1=$RUNS/${name}_tuned/$1:$1"; flag=--row; }
     done
     for name in scifact nfcorpus; do
       for row in ${2//,/ }; do
-        [[ -d "$RUNS/${name}_tuned/$row/rows" ]] && echo "--row $row=$RUNS/${name}_tuned/$row:$row"
+        [[ -d "$RUNS/${name}_tuned/$row/rows" ]] && printf '%s\n' --row "$row=$RUNS/${name}_tuned/$row:$row"
       done
     done
   }
-  # shellcheck disable=SC2046  # each line is one flag and its value, without spaces
-  "$PYTHON" -m md2pr_jax.compare $(specs de de_sent,md2pr) --out "$OUT/tuned_vs_de" >/dev/null
-  # shellcheck disable=SC2046
-  "$PYTHON" -m md2pr_jax.compare $(specs de_sent md2pr) --out "$OUT/tuned_md2pr_vs_de_sent" >/dev/null
+  local args=()
+  mapfile -t args < <(specs de de_sent,md2pr)
+  "$PYTHON" -m md2pr_jax.compare "${args[@]}" --out "$OUT/tuned_vs_de" >/dev/null
+  mapfile -t args < <(specs de_sent md2pr)
+  "$PYTHON" -m md2pr_jax.compare "${args[@]}" --out "$OUT/tuned_md2pr_vs_de_sent" >/dev/null
   echo "wrote $OUT/tuned_vs_de and $OUT/tuned_md2pr_vs_de_sent"
 }
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -740,3 +741,37 @@ def test_distill_experiment_compares_from_the_committed_archive(tmp_path):
         assert new["query_level"]["tests"] == {s: {m: {"scifact": t["scifact"]} for m, t in by_m.items()}
                                                 for s, by_m in old["query_level"]["tests"].items()}
         assert new["cost_s"] == {r: {"scifact": c["scifact"]} for r, c in old["cost_s"].items()}
+
+
+def test_distill_experiment_compares_tuned_rows_under_a_path_with_spaces(tmp_path):
+    """`compare-tuned` pairs each dataset's tuned rows (RUNS/NAME_tuned/ROW) with its tuned `de`,
+    pooled over the datasets that have them, whatever characters RUNS holds."""
+    from md2pr_jax.layout import Layout, round_stage
+    from md2pr_jax.retrieval import metrics, per_query
+
+    runs, out = tmp_path / "my runs", tmp_path / "out"
+    rng = np.random.default_rng(0)
+    for name, n in (("scifact", 30), ("nfcorpus", 40)):
+        base = rng.uniform(0, 1, n)
+        for row, shift in (("de", 0.0), ("de_sent", 0.05), ("md2pr", 0.1)):
+            for seed in (0, 1):
+                lay = Layout.at(runs / f"{name}_tuned" / row).row(row, seed)
+                folder = lay.per_query_dir(round_stage(1, "eval"))
+                folder.mkdir(parents=True)
+                vals = np.clip(base + shift + rng.normal(0, 0.01, n), 0, 1)
+                table = {m: {f"q{i}": float(v) for i, v in enumerate(vals)} for m in ("ndcg@10", "mrr@10", "recall@100")}
+                mean = metrics.mean_of(table)
+                per_query.metrics_path(folder, "student", "test").write_text(json.dumps(
+                    {"system": "student", "split": "test", "queries": n, "mean": mean, "metrics": table}))
+                lay.results.write_text(json.dumps({"rounds": [{"round": 1, "metrics": {"test": mean}}]}))
+                lay.config_json.write_text(json.dumps({"data": {"dataset": name}}))
+    env = dict(os.environ, RUNS=str(runs), PYTHON=sys.executable, OUT=str(out))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "distill_experiment.sh"), "compare-tuned"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    vs_de = json.load(open(out / "tuned_vs_de" / "compare.json"))
+    tests = vs_de["query_level"]["tests"]["test"]["ndcg@10"]
+    assert tests["pooled"]["md2pr"]["n"] == 70 and tests["pooled"]["de_sent"]["mean"] == pytest.approx(0.05, abs=0.01)
+    assert vs_de["specs"]["de"][1]["workdir"] == str(runs / "nfcorpus_tuned" / "de")
+    second = json.load(open(out / "tuned_md2pr_vs_de_sent" / "compare.json"))
+    assert second["baseline"] == "de_sent" and second["query_level"]["tests"]["test"]["ndcg@10"]["pooled"]["md2pr"]["n"] == 70
