@@ -2,8 +2,10 @@
 # Does distillation pay? The rows de, de_sent, md2pr (one student round each, on identical
 # round-1 lists) on SciFact and NFCorpus, 3-layer student cut from all-MiniLM-L6-v2, 6-layer
 # teacher at 256 passage tokens with dev-chosen hybrid soft labels; then the paired tests
-# over queries (docs/results/distill_l3/). Resumable: run it again after a kill or in a later
-# session and every finished stage, row and seed is kept.
+# over queries (docs/results/distill_l3/). Resumable: run it again after a kill and every
+# finished stage, row and seed is kept; each finished row and seed is also archived in
+# OUT/per_query (commit it), so that a later session whose RUNS are gone recomputes the shared
+# stages and trains only the rows the archive lacks (md2pr_jax.row_archive).
 #
 #   bash launch/distill_experiment.sh            # both datasets one after the other, then compare
 #   bash launch/distill_experiment.sh scifact    # one dataset only (run the two side by side)
@@ -52,7 +54,7 @@ run_dataset() {
   mkdir -p "$RUNS"
   echo "== $name: $RUNS/$name (log $RUNS/$name.log)"
   "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" "${CUTS[@]}" --workdir "$RUNS/$name" \
-    --seeds "$SEEDS" --rows $ROWS --multi_seed_rows $ROWS >>"$RUNS/$name.log" 2>&1
+    --seeds "$SEEDS" --rows $ROWS --multi_seed_rows $ROWS --archive "$OUT/per_query" >>"$RUNS/$name.log" 2>&1
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its

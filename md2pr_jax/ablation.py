@@ -17,11 +17,12 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md2pr_jax import artifacts, compare, report
+from md2pr_jax import artifacts, compare, report, row_archive
 from md2pr_jax.layout import SHARED_STAGES, Layout, linkable, round_stage, round_stages
 
 ROWS = report.STUDENT_ROWS  # row -> config switches on top of the experiment config
@@ -235,18 +236,32 @@ def filter_only(config, workdir: str, rows: list[str], reuse_from: list[str] = (
     return out
 
 
+def row_digest(row_cfg) -> str:
+    """What a kept row was trained under (`row_archive`): its whole config but its name and where
+    the data lies on this machine."""
+    d = json.loads(row_cfg.to_json_best_effort())
+    d.pop("name", None)
+    for key in ("dir", "cache_dir"):
+        d.get("data", {}).pop(key, None)
+    return row_archive.config_digest(d)
+
+
 def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows: list[str],
-        reuse_from: list[str] = ()) -> dict:
+        reuse_from: list[str] = (), archive: str | None = None) -> dict:
     from md2pr_jax.rounds.runner import Runner
 
     layout = Layout.at(workdir)
     for source in reuse_from:  # the first source to hold a stage wins
         logging.info("reusing from %s: %s", source, reuse_run(config, source, layout))
     base = Runner(config, layout.shared.root)
+    if archive and (jax.process_count() > 1 or not layout.local):
+        raise ValueError("--archive keeps a single-host run's rows in a local folder; a pod's workdir in a bucket "
+                         "outlives the hosts already")
     base.round0()
     base.round(1, upto="score")
     common = base.results()["rows"]
     split = base.ctx.eval_split
+    kept = row_archive.RowArchive(archive, str(config.data.dataset), layout) if archive else None
     table = {k: {m: common[k][m] for m in METRICS} for k in ("bm25", "zero_shot", "teacher_rerank", "hybrid_rerank")
              if k in common}
     shown = {k: dict(v) for k, v in table.items()}
@@ -258,8 +273,16 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
         for row in rows:
             if seed != seeds[0] and row not in multi_seed_rows:
                 continue
-            results[row].append({**_run_row(row_config(config, row, seed), layout.shared, layout.row(row, seed)),
-                                 "seed": seed})
+            cfg = row_config(config, row, seed)
+            res = kept.result(row, seed, row_digest(cfg), base.ctx.report_splits) if kept else None
+            if res is not None:
+                logging.info("row %s seed %d: kept in the archive %s (trained in an earlier run), not rerun",
+                             row, seed, archive)
+            else:
+                res = _run_row(cfg, layout.shared, layout.row(row, seed))
+                if kept:
+                    logging.info("archived %s", kept.add(row, seed, row_digest(cfg), res))
+            results[row].append({**res, "seed": seed})
             logging.info("ablation row %s seed %d: %s", row, seed, results[row][-1])
             agg = aggregate(results[row])
             table[row] = agg
@@ -277,7 +300,9 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
                  title=f"{config.name} ablation, {int(config.rounds.num_rounds)} student round(s) per row")
     if "de" in per_row and len(per_row) > 1 and base.ctx.main and layout.local:
         # Every row against DE over queries (and seed by seed): WORKDIR/compare.json, in REPORT.md.
-        part = lambda row: [compare.Part(base.ctx.dataset.name, str(layout.root), row)]  # noqa: E731
+        # Rows kept in a usable archive may not be in this workdir: the archive holds every row.
+        source, label = ((archive, kept.label) if kept and kept.usable else (str(layout.root), base.ctx.dataset.name))
+        part = lambda row: [compare.Part(label, source, row)]  # noqa: E731
         result = compare.run_comparison(("de", part("de")), [(row, part(row)) for row in per_row if row != "de"])
         artifacts.write_json(layout.root / "compare.json", result)
         artifacts.write_text(layout.report, layout.report.read_text() + "\n" + compare.report_markdown(result))
@@ -311,7 +336,10 @@ def _define_flags():
                               "rounds are linked, not rerun; the first to hold a stage wins.")
     upto = flags.DEFINE_enum("upto", "eval", ["eval", "filter"], "eval: every row's rounds in full. filter: round 1 "
                              "through each row's filter only, no training (the planted check's round 1; the first seed).")
-    return config, workdir, seeds, rows, multi, reuse, upto
+    archive = flags.DEFINE_string("archive", None, "A folder (committed, e.g. docs/results/X/per_query) that keeps each "
+                                  "finished row's per-query files, cost and result (md2pr_jax.row_archive): a rerun whose "
+                                  "workdir is gone recomputes the shared stages and trains only the rows not kept there.")
+    return config, workdir, seeds, rows, multi, reuse, upto, archive
 
 
 def main(argv) -> None:
@@ -335,10 +363,10 @@ def main(argv) -> None:
         print(json.dumps(filter_only(config, _WORKDIR.value, _ROWS.value, _REUSE_FROM.value)))
         return
     table = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], _ROWS.value, _MULTI_SEED_ROWS.value,
-                _REUSE_FROM.value)
+                _REUSE_FROM.value, _ARCHIVE.value)
     print(json.dumps(table))
 
 
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM, _UPTO = _define_flags()
+    _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM, _UPTO, _ARCHIVE = _define_flags()
     app.run(main)

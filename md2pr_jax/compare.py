@@ -493,18 +493,22 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-_BASELINE = flags.DEFINE_string("baseline", None, "NAME=SPEC of the baseline row: SPEC is WORKDIR:ROW, "
-                                "LABEL@WORKDIR:ROW, or ROW (in every --dataset workdir).")
-_ROW = flags.DEFINE_multi_string("row", [], "NAME=SPEC of a row to compare (repeatable; a NAME again adds a dataset).")
-_DATASET = flags.DEFINE_multi_string("dataset", [], "LABEL=WORKDIR: an ablation workdir and its dataset's label "
-                                     "(repeatable), for NAME=ROW specs.")
-_ROUND = flags.DEFINE_integer("round", None, "The round to compare (default: each run's last).")
-_PERMUTATIONS = flags.DEFINE_integer("permutations", significance.PERMUTATIONS, "Sign flips of the randomization test.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the randomization test's sign flips.")
-_OUT = flags.DEFINE_string("out", None, "Folder for compare.json and COMPARE.md.")
-_ARCHIVE = flags.DEFINE_string("archive", None, "Folder to copy the per-query files read into (as "
-                               "LABEL.ROW_s<seed>.SPLIT.json) with the rows' costs (costs.json): a "
-                               "WORKDIR the comparison can be rerun from once the runs are gone.")
+def _define_flags():
+    """The command line's flags, defined only when this module runs as a program (the ablation
+    imports it and has flags of its own, --archive among them)."""
+    _BASELINE = flags.DEFINE_string("baseline", None, "NAME=SPEC of the baseline row: SPEC is WORKDIR:ROW, "
+                                    "LABEL@WORKDIR:ROW, or ROW (in every --dataset workdir).")
+    _ROW = flags.DEFINE_multi_string("row", [], "NAME=SPEC of a row to compare (repeatable; a NAME again adds a dataset).")
+    _DATASET = flags.DEFINE_multi_string("dataset", [], "LABEL=WORKDIR: an ablation workdir and its dataset's label "
+                                         "(repeatable), for NAME=ROW specs.")
+    _ROUND = flags.DEFINE_integer("round", None, "The round to compare (default: each run's last).")
+    _PERMUTATIONS = flags.DEFINE_integer("permutations", significance.PERMUTATIONS, "Sign flips of the randomization test.")
+    _SEED = flags.DEFINE_integer("seed", 0, "Seed of the randomization test's sign flips.")
+    _OUT = flags.DEFINE_string("out", None, "Folder for compare.json and COMPARE.md.")
+    _ARCHIVE = flags.DEFINE_string("archive", None, "Folder to copy the per-query files read into (as "
+                                   "LABEL.ROW_s<seed>.SPLIT.json) with the rows' costs (costs.json): a "
+                                   "WORKDIR the comparison can be rerun from once the runs are gone.")
+    return _BASELINE, _ROW, _DATASET, _ROUND, _PERMUTATIONS, _SEED, _OUT, _ARCHIVE
 
 
 def main(argv) -> None:
@@ -537,4 +541,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _BASELINE, _ROW, _DATASET, _ROUND, _PERMUTATIONS, _SEED, _OUT, _ARCHIVE = _define_flags()
     app.run(main)

@@ -4,6 +4,7 @@ test_rounds_filtering.py, the layout in test_rounds_layout.py."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +315,50 @@ def _with(config, rerank_depth):
     config.teacher.bm25_weight_from_dev = True
     config.teacher_train.rerank_depth = rerank_depth
     return config
+
+
+@pytest.mark.data
+def test_a_rerun_in_a_new_workdir_trains_only_the_rows_its_archive_lacks(tmp_path):
+    """--archive keeps each finished row (per-query files, cost, result): a rerun whose workdir is
+    gone recomputes the shared stages, reads the kept rows and trains only the missing ones, with
+    the same table. A row whose config changed is trained again; an archive whose shared
+    evaluations differ from the run's is not used."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    archive = tmp_path / "per_query"
+    base = [sys.executable, "-m", "md2pr_jax.ablation", "--config", os.path.join(ROOT, "configs/debug.py"),
+            "--config.rounds.num_rounds=1", "--seeds", "0", "--multi_seed_rows", "de", "--archive", str(archive)]
+
+    def ablation(workdir, *extra):
+        out = subprocess.run([*base, "--workdir", str(workdir), *extra], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads((workdir / "ablation.json").read_text()), out.stderr
+
+    first, _ = ablation(tmp_path / "first", "--rows", "de")
+    assert sorted(os.listdir(archive)) == sorted(
+        ["costs.json", "scifact.de_s0.test.json"] + [f"scifact.{s}.test.json" for s in ("bm25", "zero_shot", "teacher_rerank")])
+    costs = json.loads((archive / "costs.json").read_text())["scifact"]
+    assert costs["rows"]["de"]["0"]["rounds/r01/train"] > 0 and costs["shared"]["teacher"] > 0
+    # The session ends, its workdir with it; the next one asks for two rows.
+    shutil.rmtree(tmp_path / "first")
+    second, log = ablation(tmp_path / "second", "--rows", "de,md2pr")
+    assert "row de seed 0: kept in the archive" in log
+    assert not (tmp_path / "second" / "rows" / "de_s0").exists()  # not retrained
+    assert (tmp_path / "second" / "rows" / "md2pr_s0" / "results.json").exists()
+    assert second["de"] == first["de"] and second["per_row"]["de"]["per_seed"] == first["per_row"]["de"]["per_seed"]
+    assert (archive / "scifact.md2pr_s0.test.json").exists()
+    cmp = json.loads((tmp_path / "second" / "compare.json").read_text())  # DE's per-query file read from the archive
+    assert cmp["datasets"] == ["scifact"] and cmp["query_level"]["tests"]["test"]["ndcg@10"]["scifact"]["md2pr"]["n"] > 0
+    # A row key changed: DE trains again, under the new config.
+    third, log = ablation(tmp_path / "third", "--rows", "de", "--config.train.lr=0.01")
+    assert "kept in the archive" not in log and third["de"]["ndcg@10"] != first["de"]["ndcg@10"]
+    # An archive from other shared stages (here: a planted change in its zero-shot evaluation) is refused.
+    path = archive / "scifact.zero_shot.test.json"
+    saved = json.loads(path.read_text())
+    qid = next(iter(saved["metrics"]["ndcg@10"]))
+    saved["metrics"]["ndcg@10"][qid] += 0.5
+    path.write_text(json.dumps(saved))
+    before = (archive / "costs.json").read_text()
+    _, log = ablation(tmp_path / "fourth", "--rows", "de")
+    assert "is not used" in log and "differ from this run's" in log and "kept in the archive" not in log
+    assert (archive / "costs.json").read_text() == before  # nothing written
