@@ -51,13 +51,18 @@ def _shared_files(shared: Layout) -> dict[str, str]:
     return out
 
 
-def _metrics_digest(paths: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(paths):
-        metrics = per_query.read_metrics(paths[name])["metrics"]
-        rounded = {m: {q: round(float(v), 6) for q, v in by_q.items()} for m, by_q in metrics.items()}
-        h.update(json.dumps([name, rounded], sort_keys=True).encode())
-    return h.hexdigest()
+def _same_metrics(ours: dict[str, str], theirs: dict[str, str], tol: float = 1e-6) -> bool:
+    """Whether two sets of per-query files ('<system>.<split>' -> path) name the same evaluations
+    with the same queries and every per-query metric within `tol`."""
+    if set(ours) != set(theirs):
+        return False
+    for name in ours:
+        a, b = per_query.read_metrics(ours[name])["metrics"], per_query.read_metrics(theirs[name])["metrics"]
+        if set(a) != set(b) or any(set(a[m]) != set(b[m]) for m in a):
+            return False
+        if any(abs(float(a[m][q]) - float(b[m][q])) > tol for m in a for q in a[m]):
+            return False
+    return True
 
 
 class RowArchive:
@@ -73,7 +78,7 @@ class RowArchive:
         self.reason = ""
         if not ours:
             self.reason = f"the shared stages of {workdir.root} wrote no per-query files"
-        elif kept and (len(kept) < len(ours) or _metrics_digest(kept) != _metrics_digest(ours)):
+        elif kept and not _same_metrics(ours, kept):
             self.reason = (f"its shared evaluations of {label} ({sorted(kept)}) differ from this run's "
                            f"({sorted(ours)}): its rows were trained on other lists or another teacher")
         elif rows_kept and not kept:

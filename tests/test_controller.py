@@ -362,3 +362,21 @@ def test_a_rerun_in_a_new_workdir_trains_only_the_rows_its_archive_lacks(tmp_pat
     _, log = ablation(tmp_path / "fourth", "--rows", "de")
     assert "is not used" in log and "differ from this run's" in log and "kept in the archive" not in log
     assert (archive / "costs.json").read_text() == before  # nothing written
+
+
+def test_the_archive_check_tolerates_float_noise_and_nothing_else(tmp_path):
+    """Shared evaluations count as the same within 1e-6 per query and metric; a query more or
+    less, another metric or a larger difference does not."""
+    from md2pr_jax.row_archive import _same_metrics
+
+    def saved(name, metrics):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"metrics": metrics}))
+        return {"bm25.test": str(path)}
+
+    ours = saved("ours", {"ndcg@10": {"q1": 0.5, "q2": 0.25}})
+    assert _same_metrics(ours, saved("noise", {"ndcg@10": {"q1": 0.5 + 1e-9, "q2": 0.25}}))
+    assert not _same_metrics(ours, saved("moved", {"ndcg@10": {"q1": 0.5 + 1e-4, "q2": 0.25}}))
+    assert not _same_metrics(ours, saved("fewer", {"ndcg@10": {"q1": 0.5}}))
+    assert not _same_metrics(ours, saved("other", {"mrr@10": {"q1": 0.5, "q2": 0.25}}))
+    assert not _same_metrics(ours, {"zero_shot.test": ours["bm25.test"]})
