@@ -12,11 +12,16 @@ mined negatives.
 
 Command:
     python -m md2pr_jax.main --config configs/nfcorpus_minilm.py --workdir runs/nfcorpus --mode pipeline
-Runtime and results: not yet measured. Only `--mode prepare` has run on this config (2-core CPU
-shared with other jobs: 6.5 s and 14.3 s as prepare reports them, 9 s and 18 s wall, passages
-stored at 256 tokens, mean 242). `benchmarks/small_student_step.py --config
-configs/nfcorpus_minilm.py` measured the 3-layer student step at 5.3-6.3 s and the teacher at
-6.6-12.3 pairs/s (32 + 256 tokens) under a load average of 2-6 on 2 cores: not a planning figure.
+Runtime and results, measured with issue 27's cuts (`bash launch/distill_experiment.sh nfcorpus`:
+one student round, 10 mined candidates, rerank at BM25's top 20, 1,000 training queries, and
+`--config.teacher_train.epochs=0`, the teacher left at its cross-encoder initialisation, chosen
+on dev: the 100-step fine-tuned teacher reranked 120 dev queries at 0.191, its init at 0.272),
+2-core CPU: shared stages 29 min (rerank 13 min at 12-16 pairs/s, round-1 teacher pass of
+11,000 pairs 15 min), then 6.4-7.4 min per row and seed (62 student steps and evaluation).
+Test nDCG@10 (323 queries): BM25 0.3210, untrained 3-layer cut 0.0708, hybrid teacher (w = 6
+on dev) reranking BM25's top 20 0.3297, rows over seeds 0-2 de 0.1033, de_sent 0.1313, md2pr
+0.1227 (docs/results/distill_l3/). The full config (300 teacher steps, 2 rounds, all 2,590
+queries) has not been run.
 Known limitation: with many relevant documents per query, another query's passage in the
 batch may be relevant to this one; the contrastive loss still counts it as a negative.
 """
