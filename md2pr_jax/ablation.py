@@ -274,14 +274,15 @@ def run(config, workdir: str, seeds: list[int], rows: list[str], multi_seed_rows
             if seed != seeds[0] and row not in multi_seed_rows:
                 continue
             cfg = row_config(config, row, seed)
-            res = kept.result(row, seed, row_digest(cfg), base.ctx.report_splits) if kept else None
+            digest = row_digest(cfg)
+            res = kept.result(row, seed, digest, base.ctx.report_splits) if kept else None
             if res is not None:
                 logging.info("row %s seed %d: kept in the archive %s (trained in an earlier run), not rerun",
                              row, seed, archive)
             else:
                 res = _run_row(cfg, layout.shared, layout.row(row, seed))
                 if kept:
-                    logging.info("archived %s", kept.add(row, seed, row_digest(cfg), res))
+                    logging.info("archived %s", kept.add(row, seed, digest, res))
             results[row].append({**res, "seed": seed})
             logging.info("ablation row %s seed %d: %s", row, seed, results[row][-1])
             agg = aggregate(results[row])

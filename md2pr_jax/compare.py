@@ -115,6 +115,14 @@ def _archive_costs(folder: str) -> dict:
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+def write_archive_costs(folder: str, costs: dict) -> None:
+    """Writes folder/costs.json whole (a kill mid-write leaves the old file, not half of one)."""
+    path = os.path.join(folder, ARCHIVE_COSTS)
+    with open(path + ".tmp", "w") as f:
+        json.dump(costs, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
 def write_archive(result: dict, folder: str) -> list[str]:
     """Copy every per-query file a comparison read into `folder` under `archive_name`, and merge
     its rows' costs (and each dataset's shared cost) into folder/costs.json. Returns the names
@@ -139,8 +147,7 @@ def write_archive(result: dict, folder: str) -> list[str]:
     for label, stages in result.get("shared_cost_s", {}).items():
         if stages:
             costs.setdefault(label, {})["shared"] = stages
-    with open(os.path.join(folder, ARCHIVE_COSTS), "w") as f:
-        json.dump(costs, f, indent=1, sort_keys=True)
+    write_archive_costs(folder, costs)
     return written
 
 

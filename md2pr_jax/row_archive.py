@@ -97,14 +97,10 @@ class RowArchive:
         return not self.reason
 
     def _costs(self) -> dict:
-        path = os.path.join(self.folder, compare.ARCHIVE_COSTS)
-        return json.load(open(path)) if os.path.exists(path) else {}
+        return compare._archive_costs(self.folder)
 
     def _write_costs(self, costs: dict) -> None:
-        path = os.path.join(self.folder, compare.ARCHIVE_COSTS)
-        with open(path + ".tmp", "w") as f:
-            json.dump(costs, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)  # a kill mid-write leaves the old costs, not half a file
+        compare.write_archive_costs(self.folder, costs)
 
     def result(self, row: str, seed: int, digest: str, splits: list[str]) -> dict | None:
         """The kept result of `row` and `seed` (as `ablation._run_row` returned it) when it was
