@@ -16,11 +16,15 @@
 # comparisons of those rows:
 #   bash launch/distill_experiment.sh tune scifact      # (or nfcorpus) after `scifact` finished
 #   bash launch/distill_experiment.sh compare-tuned
+# Pseudo-queries (title as query, body as positive) beside the labelled ones, rows
+# de_pseudo, de_sent_pseudo, md2pr_pseudo (reusing the finished dataset's round 0):
+#   bash launch/distill_experiment.sh pseudo nfcorpus
 #
 # Environment: MD2PR_DATA_DIR (default ../shared/data), RUNS (default runs/distill), OUT
 # (default docs/results/distill_l3),
 # SEEDS (default 0,1,2), PYTHON (default .venv/bin/python), TUNE_GRID (default
-# "train.epochs=1,3 train.lr=3e-5,1e-4": space-separated KEY=V1,V2 of row keys).
+# "train.epochs=1,3 train.lr=3e-5,1e-4": space-separated KEY=V1,V2 of row keys), PSEUDO_KIND
+# (default title), PSEUDO_QUERIES (default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -55,6 +59,26 @@ run_dataset() {
   echo "== $name: $RUNS/$name (log $RUNS/$name.log)"
   "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" "${CUTS[@]}" --workdir "$RUNS/$name" \
     --seeds "$SEEDS" --rows $ROWS --multi_seed_rows $ROWS --archive "$OUT/per_query" >>"$RUNS/$name.log" 2>&1
+}
+
+# Pseudo-queries the teacher never saw (kind PSEUDO_KIND, default 'title': a document's title as
+# the query, its body, a training-only passage, as the positive; PSEUDO_QUERIES of them, default
+# 2,000) beside the labelled queries: the rows de_pseudo, de_sent_pseudo and md2pr_pseudo train
+# on both, for the same steps, in RUNS/NAME_KIND. Round 0 (baselines, teacher, rerank) is
+# linked from RUNS/NAME when that has finished (else computed here); round 1's mining and
+# teacher pass run over both query sets. Rows archive under OUT/per_query as NAME.<row>_s<seed>.
+PSEUDO_ROWS=de_pseudo,de_sent_pseudo,md2pr_pseudo
+pseudo() {
+  local name=$1 args reuse=() kind=${PSEUDO_KIND:-title}
+  [[ -n $name && -n $(dataset_args "$name") ]] || { echo "usage: $0 pseudo scifact|nfcorpus" >&2; exit 2; }
+  read -r -a args <<<"$(dataset_args "$name")"
+  [[ -f "$RUNS/$name/shared/rerank/DONE" ]] && reuse=(--reuse_from "$RUNS/$name")
+  mkdir -p "$RUNS"
+  echo "== $name pseudo-queries ($kind): $RUNS/${name}_$kind (log $RUNS/${name}_$kind.log)"
+  "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" "${CUTS[@]}" --workdir "$RUNS/${name}_$kind" \
+    --config.data.pseudo_queries="${PSEUDO_QUERIES:-2000}" --config.data.pseudo_kind="$kind" "${reuse[@]}" \
+    --seeds "$SEEDS" --rows $PSEUDO_ROWS --multi_seed_rows $PSEUDO_ROWS --archive "$OUT/per_query" \
+    >>"$RUNS/${name}_$kind.log" 2>&1
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its
@@ -125,6 +149,7 @@ case "${1:-all}" in
   compare) compare ;;
   all) run_dataset scifact; run_dataset nfcorpus; compare ;;
   tune) tune "${2:-}" ;;
+  pseudo) pseudo "${2:-}" ;;
   compare-tuned) compare_tuned ;;
-  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus]" >&2; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ ConfigDict = ml_collections.ConfigDict
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Kinds of pseudo-query (data/pseudo.py cuts them). Held here, not there, so that this module
 # imports nothing of the project: data/pseudo -> data/prepare -> config must not close a cycle.
-PSEUDO_KINDS = ("sentence", "first")
+PSEUDO_KINDS = ("sentence", "first", "title", "ict")
 
 
 def bert_shape(
@@ -127,7 +127,9 @@ def base_config() -> ConfigDict:
     # >0: this many pseudo-queries cut from the corpus (data/pseudo.py), mined and scored by
     # the teacher in every round beside the training queries; train.pseudo trains on them.
     c.data.pseudo_queries = 0
-    c.data.pseudo_kind = "sentence"  # 'sentence' (a seeded sentence of the passage) | 'first'
+    # 'sentence' (a seeded sentence of the passage) | 'first' | 'title' (the title as query, the
+    # body as its positive) | 'ict' (a seeded sentence, the passage without it as its positive)
+    c.data.pseudo_kind = "sentence"
 
     # --- losses -------------------------------------------------------------------------
     c.loss = ConfigDict()

@@ -223,6 +223,15 @@ def prepare_dataset(config, layout: Layout):
     return prepare(local, str(layout.root))
 
 
+def corpus_titles(config, layout: Layout, doc_ids) -> list[str]:
+    """The titles of `doc_ids`, read from the TFDS build beside the prepared dataset."""
+    from md2pr_jax.data.prepare import corpus_titles as titles
+
+    local = config.copy_and_resolve_references()
+    local.data.cache_dir = layout.data_cache(config)
+    return titles(local, str(layout.root), doc_ids)
+
+
 # What an ablation's rows share with WORKDIR/shared: round 0 and round 1's mining and teacher pass.
 SHARED_STAGES = ("data", "baselines", "teacher", "params/teacher", "rerank", round_stage(1, "mine"),
                  round_stage(1, "score"))

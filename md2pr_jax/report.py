@@ -38,7 +38,7 @@ ROWS = {
 }
 # Soft against hard labels on the same pseudo-queries (data.pseudo_queries > 0): DE trains on
 # each pseudo-query's source passage as its positive, MD2PR on the teacher's scores as well.
-for _name in ("de", "md2pr"):
+for _name in ("de", "de_sent", "md2pr"):
     ROWS[f"{_name}_pseudo"] = Row(f"{ROWS[_name].title} + pseudo-queries", {**ROWS[_name].switches, "train.pseudo": True})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 

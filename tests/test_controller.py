@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -166,18 +167,31 @@ def test_ablation_reuses_a_finished_run(tmp_path):
 
     # Pseudo-queries differ: round 0 is linked, round 1's mining and teacher pass run anew over the
     # training queries and the pseudo-queries; the *_pseudo rows train on both, the others on the labelled.
+    # Kind 'title': each positive is its document's body, a passage after the corpus rows that no
+    # mining returns, and the source document is no negative; the hybrid labels score it too.
     sixth = tmp_path / "sixth"
     out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo", "--reuse_from",
-                          str(run), "--config.data.pseudo_queries=12", "--config.filter.keep_flagged=True",
-                          "--config.filter.tau_source=pseudo"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          str(run), "--config.data.pseudo_queries=12", "--config.data.pseudo_kind=title",
+                          "--config.filter.keep_flagged=True", "--config.filter.tau_source=pseudo",
+                          "--config.teacher.bm25_weight=1.0"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     shared = sixth / "shared"
     assert os.path.islink(shared / "teacher") and not os.path.islink(shared / "rounds" / "r01" / "score")
     pseudo = json.loads((shared / "pseudo.json").read_text())
-    assert pseudo["count"] == len(pseudo["queries"]) == 12
+    assert pseudo["count"] == len(pseudo["queries"]) == 12 and pseudo["kind"] == "title"
+    for q in pseudo["queries"]:
+        assert q["positive"] and q["text"] not in q["positive"]
     mined = json.loads((shared / "rounds" / "r01" / "mine" / "result.json").read_text())["queries"]
     assert mined == json.loads((run / "rounds" / "r01" / "mine" / "result.json").read_text())["queries"] + 12
+    cand = np.load(shared / "rounds" / "r01" / "mine" / "candidates.npz")
+    scores = np.load(shared / "rounds" / "r01" / "score" / "scores.npz")
+    bodies = []
+    for q, row in zip(cand["q_rows"][-12:], cand["cand"][-12:]):
+        (body,) = set(scores["d"][scores["q"] == q].tolist()) - set(row.tolist())
+        bodies.append(body)
+    # The bodies are 12 new rows after every row mining can return, one per pseudo-query.
+    assert sorted(bodies) == list(range(min(bodies), min(bodies) + 12)) and min(bodies) > cand["cand"].max()
     filt = {r: json.loads((sixth / "rows" / f"{r}_s0" / "rounds" / "r01" / "filter" / "result.json").read_text())
             for r in ("md2pr", "de_pseudo", "md2pr_pseudo")}
     assert filt["md2pr"]["pseudo"]["examples"] == 0 and filt["md2pr_pseudo"]["pseudo"]["examples"] == 12

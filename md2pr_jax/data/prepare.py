@@ -209,10 +209,24 @@ class RetrievalDataset:
     bad_records: dict
     stored_passage_len: int = 0  # the longest passage length doc_tokens can give (0: max_passage_len)
     from_cache: bool = False  # True when this call loaded a previous preparation
+    # Training-only passages (pseudo-queries' bodies, data/pseudo.py): rows num_docs.. of doc_ids
+    # and the doc token table, in no index, mining or evaluation; their corpus source rows.
+    train_only_sources: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def num_docs(self) -> int:
-        return len(self.doc_ids)
+        """The corpus rows (0..num_docs-1): what is indexed, mined and evaluated; doc_texts
+        holds these. The training-only rows (if any) follow them in doc_ids and the token table."""
+        return len(self.doc_ids) - len(self.train_only_sources)
+
+    def corpus_rows(self, rows) -> np.ndarray:
+        """`rows` with each training-only passage replaced by the corpus row it was cut from
+        (for what only the corpus has, e.g. BM25 scores); -1 stays -1."""
+        rows = np.asarray(rows, np.int64)
+        extra = rows >= self.num_docs
+        if not extra.any():
+            return rows
+        return np.where(extra, self.train_only_sources[np.where(extra, rows - self.num_docs, 0)], rows)
 
     @property
     def num_queries(self) -> int:
@@ -375,6 +389,24 @@ def _prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
         ds.from_cache = True
     logging.info("prepared %s: %s", ds.name, json.dumps(ds.summary()))
     return ds
+
+
+def corpus_titles(config, workdir: str, doc_ids: Sequence[str]) -> list[str]:
+    """The title of each document in `doc_ids` ('' where it has none), read from the TFDS build
+    of config.data (the prepared files keep only title + ' ' + text). For the 'title' kind of
+    pseudo-query (data/pseudo.py); reads the whole corpus split once."""
+    from md2pr_jax.data.fetch import ensure_data
+
+    root = ensure_data(config)
+    if root != config.data.dir:
+        config = config.copy_and_resolve_references()
+        config.data.dir = root
+    d = config.data
+    with cache_lock(cache_dir(config, workdir), d.builder):
+        build = builders.build(d.builder, d.dataset, source_dir(config), cache_dir(config, workdir), d.bad_records)
+    wanted = set(doc_ids)
+    titles = {rec["id"]: rec["title"] for rec in builders.read_split(build, "corpus") if rec["id"] in wanted}
+    return [titles.get(i, "") for i in doc_ids]
 
 
 def stored_passage_len(config) -> int:

@@ -27,7 +27,7 @@ from md2pr_jax import checkpoint as ckpt
 from md2pr_jax import params as params_lib
 from md2pr_jax import sharding as shd
 from md2pr_jax.config import teacher_passage_len
-from md2pr_jax.layout import Layout, prepare_dataset, round_stage
+from md2pr_jax.layout import Layout, corpus_titles, prepare_dataset, round_stage
 from md2pr_jax.rounds import filtering
 from md2pr_jax.seeds import derive_seed
 
@@ -48,7 +48,8 @@ class Context:
     train_positives: dict[int, list[int]]
     report_splits: list[str]
     main: bool
-    # pseudo-query row -> its source passage (data.pseudo_queries > 0; data/pseudo.py)
+    # pseudo-query row -> its positive passage (data.pseudo_queries > 0; data/pseudo.py): the
+    # source passage, or the training-only passage cut from it ('title', 'ict')
     pseudo_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     # query row -> every visible labelled positive (none is mined as a negative); {}: train_positives
     known_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
@@ -61,8 +62,12 @@ class Context:
 
     @property
     def excluded_positives(self) -> dict[int, list[int]]:
-        """Per round query, every labelled positive it has: left out of its mined candidates."""
-        return {**(self.known_positives or self.train_positives), **self.pseudo_positives}
+        """Per round query, every labelled positive it has: left out of its mined candidates.
+        A pseudo-query's source passage is left out too (for 'title' and 'ict' it is not the
+        positive, but it holds the query's words: no negative)."""
+        ds = self.dataset
+        pseudo = {q: sorted({*d, *ds.corpus_rows(d).tolist()}) for q, d in self.pseudo_positives.items()}
+        return {**(self.known_positives or self.train_positives), **pseudo}
 
     @property
     def eval_split(self) -> str:
@@ -116,13 +121,17 @@ def _pseudo_queries(config, layout: Layout, dataset, main: bool):
     count = int(config.data.pseudo_queries)
     if count <= 0:
         return dataset, {}
-    rows, texts = pseudo.cut_queries(dataset.doc_texts, count, config.data.pseudo_kind,
-                                     derive_seed(config, "pseudo_queries"))
-    dataset = pseudo.with_pseudo_queries(dataset, rows, texts, hf.load_tokenizer(config))
+    kind = config.data.pseudo_kind
+    titles = corpus_titles(config, layout, dataset.doc_ids[: dataset.num_docs]) if kind == "title" else None
+    cut = pseudo.cut_queries(dataset.doc_texts, count, kind, derive_seed(config, "pseudo_queries"), titles=titles)
+    if len(cut.rows) < count:
+        logging.warning("%d pseudo-queries of kind %r asked, the corpus gives %d", count, kind, len(cut.rows))
+    dataset = pseudo.with_pseudo_queries(dataset, cut, hf.load_tokenizer(config))
     if main and not layout.pseudo.exists():
-        artifacts.write_json(layout.pseudo, {"kind": config.data.pseudo_kind, "count": len(rows),
-                                             "queries": [{"doc": dataset.doc_ids[int(d)], "text": t}
-                                                         for d, t in zip(rows, texts)]})
+        queries = [{"doc": dataset.doc_ids[int(d)], "text": t} for d, t in zip(cut.rows, cut.queries)]
+        for q, p in zip(queries, cut.passages or ()):
+            q["positive"] = p
+        artifacts.write_json(layout.pseudo, {"kind": kind, "count": len(cut.rows), "queries": queries})
     return dataset, dataset.positives(pseudo.PSEUDO_SPLIT)
 
 
@@ -472,6 +481,9 @@ def hybrid_logits(ctx: Context, logits: np.ndarray, pairs_q: np.ndarray, pairs_d
     weight = hybrid_weight(ctx.config, ctx.layout.result("rerank"))
     if weight <= 0:
         return logits
+    # A training-only passage (a pseudo-query's positive) is in no BM25 index: its source
+    # document's score stands in for it.
+    pairs_d = ctx.dataset.corpus_rows(pairs_d)
     return logits + weight * bm25_index(ctx).pair_scores(ctx.dataset.query_texts, pairs_q, pairs_d)
 
 
