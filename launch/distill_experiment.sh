@@ -19,6 +19,7 @@
 # Pseudo-queries (title as query, body as positive) beside the labelled ones, rows
 # de_pseudo, de_sent_pseudo, md2pr_pseudo (reusing the finished dataset's round 0):
 #   bash launch/distill_experiment.sh pseudo nfcorpus
+#   bash launch/distill_experiment.sh compare-pseudo
 #
 # Environment: MD2PR_DATA_DIR (default ../shared/data), RUNS (default runs/distill), OUT
 # (default docs/results/distill_l3),
@@ -79,6 +80,22 @@ pseudo() {
     --config.data.pseudo_queries="${PSEUDO_QUERIES:-2000}" --config.data.pseudo_kind="$kind" "${reuse[@]}" \
     --seeds "$SEEDS" --rows $PSEUDO_ROWS --multi_seed_rows $PSEUDO_ROWS --archive "$OUT/per_query" \
     >>"$RUNS/${name}_$kind.log" 2>&1
+}
+
+# The pseudo-query rows of each dataset that has archived them (OUT/per_query): soft labels
+# against hard labels on the same labelled + pseudo lists (de_pseudo the baseline), and every
+# pseudo row against the labelled-only de (what the pseudo-queries add, at more steps).
+compare_pseudo() {
+  local name ds=() kind=${PSEUDO_KIND:-title}
+  for name in scifact nfcorpus; do
+    compgen -G "$OUT/per_query/$name.de_pseudo_s*.test.json" >/dev/null && ds+=(--dataset "$name=$OUT/per_query")
+  done
+  if [[ ${#ds[@]} -eq 0 ]]; then echo "no pseudo rows archived in $OUT/per_query yet (run \`$0 pseudo NAME\`)" >&2; return 1; fi
+  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_pseudo=de_pseudo --row de_sent_pseudo=de_sent_pseudo \
+    --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de_pseudo" >/dev/null
+  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de=de --row de_pseudo=de_pseudo \
+    --row de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de" >/dev/null
+  echo "wrote $OUT/pseudo_$kind/vs_de_pseudo and $OUT/pseudo_$kind/vs_de"
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its
@@ -150,6 +167,7 @@ case "${1:-all}" in
   all) run_dataset scifact; run_dataset nfcorpus; compare ;;
   tune) tune "${2:-}" ;;
   pseudo) pseudo "${2:-}" ;;
+  compare-pseudo) compare_pseudo ;;
   compare-tuned) compare_tuned ;;
-  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus|compare-pseudo]" >&2; exit 2 ;;
 esac

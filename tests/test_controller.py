@@ -316,12 +316,15 @@ def test_hybrid_weight_from_dev_takes_the_sweeps_best_and_labels_with_it(tmp_pat
     artifacts.write_json(layout.result_file("rerank"), sweep)
     docs = ["vitamin d and bone fractures", "aspirin after stroke", "yeast heat shock genes", "bone density in adults"]
     queries = ["vitamin d bone", "stroke aspirin"]
+    # Row 4 is a training-only passage cut from document 0 (a pseudo-query's positive): in no
+    # BM25 index, it is scored as its source document.
+    source = lambda rows: np.where(np.asarray(rows) >= len(docs), 0, rows)  # noqa: E731
     ctx = types.SimpleNamespace(config=config, layout=layout, main=False,
-                                dataset=types.SimpleNamespace(doc_texts=docs, query_texts=queries))
-    q, d = np.array([0, 0, 0, 1, 1]), np.array([0, 3, 2, 1, 0])
-    logits = np.array([0.5, -0.2, 0.1, 1.0, -1.0], np.float32)
-    lexical = BM25Retriever.build(docs, progress=False).pair_scores(queries, q, d)
-    assert lexical.max() > 0
+                                dataset=types.SimpleNamespace(doc_texts=docs, query_texts=queries, corpus_rows=source))
+    q, d = np.array([0, 0, 0, 1, 1, 0]), np.array([0, 3, 2, 1, 0, 4])
+    logits = np.array([0.5, -0.2, 0.1, 1.0, -1.0, 0.3], np.float32)
+    lexical = BM25Retriever.build(docs, progress=False).pair_scores(queries, q, source(d))
+    assert lexical.max() > 0 and lexical[5] == lexical[0] > 0
     np.testing.assert_allclose(stages.hybrid_logits(ctx, logits, q, d), logits + 3.0 * lexical, rtol=1e-6)
 
 
