@@ -129,12 +129,12 @@ def test_pseudo_config_is_validated():
 def test_a_training_only_positive_keeps_its_source_document_out_of_the_mined_negatives():
     """The source document holds the title (or the removed sentence) verbatim: mining leaves it
     out for its pseudo-query, beside the positive itself; the labelled queries keep theirs."""
-    from md2pr_jax.rounds.stages import Context
+    from md2pr_jax.rounds.stages import Context, source_rows
 
     tok = hf.load_tokenizer(make_tiny_config())
     ds = pseudo.with_pseudo_queries(_dataset(tok), pseudo.cut_queries(DOCS, 10, "title", seed=0, titles=TITLES), tok)
     pos = ds.positives(pseudo.PSEUDO_SPLIT)
-    ctx = Context(None, None, ds, None, None, None, {}, {0: [0], 1: [2]}, [], True, pos)
+    ctx = Context(None, None, ds, None, None, None, {}, {0: [0], 1: [2]}, [], True, pos, {}, source_rows(ds, pos))
     excluded = ctx.excluded_positives
     assert excluded[0] == [0] and excluded[1] == [2]
     for q, (p,) in pos.items():

@@ -53,6 +53,8 @@ class Context:
     pseudo_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     # query row -> every visible labelled positive (none is mined as a negative); {}: train_positives
     known_positives: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # pseudo-query row -> the corpus row its positive was cut from (`source_rows`): no negative
+    pseudo_sources: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def round_positives(self) -> dict[int, list[int]]:
@@ -65,9 +67,13 @@ class Context:
         """Per round query, every labelled positive it has: left out of its mined candidates.
         A pseudo-query's source passage is left out too (for 'title' and 'ict' it is not the
         positive, but it holds the query's words: no negative)."""
-        ds = self.dataset
-        pseudo = {q: sorted({*d, *ds.corpus_rows(d).tolist()}) for q, d in self.pseudo_positives.items()}
+        pseudo = {q: sorted({*d, *self.pseudo_sources.get(q, ())}) for q, d in self.pseudo_positives.items()}
         return {**(self.known_positives or self.train_positives), **pseudo}
+
+
+def source_rows(dataset, positives: dict[int, list[int]]) -> dict[int, list[int]]:
+    """query row -> the corpus rows its positives were cut from (themselves, for corpus rows)."""
+    return {q: dataset.corpus_rows(d).tolist() for q, d in positives.items()}
 
     @property
     def eval_split(self) -> str:
@@ -94,7 +100,7 @@ def open_context(config, workdir) -> Context:
                                      int(config.data.positives_per_query), derive_seed(config, "list_positives"))
     logging.info("dataset %s", json.dumps(dataset.summary()))
     return Context(config, layout, dataset, mesh, student_from_config(config), teacher_from_config(config), hidden,
-                   listed, report_splits, main, pseudo, visible)
+                   listed, report_splits, main, pseudo, visible, source_rows(dataset, pseudo))
 
 
 def _grades(dataset, split: str) -> dict[int, dict[int, int]]:
