@@ -70,14 +70,14 @@ class Context:
         pseudo = {q: sorted({*d, *self.pseudo_sources.get(q, ())}) for q, d in self.pseudo_positives.items()}
         return {**(self.known_positives or self.train_positives), **pseudo}
 
+    @property
+    def eval_split(self) -> str:
+        return self.config.data.eval_split
+
 
 def source_rows(dataset, positives: dict[int, list[int]]) -> dict[int, list[int]]:
     """query row -> the corpus rows its positives were cut from (themselves, for corpus rows)."""
     return {q: dataset.corpus_rows(d).tolist() for q, d in positives.items()}
-
-    @property
-    def eval_split(self) -> str:
-        return self.config.data.eval_split
 
 
 def open_context(config, workdir) -> Context:
