@@ -83,8 +83,9 @@ pseudo() {
 }
 
 # The pseudo-query rows of each dataset that has archived them (OUT/per_query): soft labels
-# against hard labels on the same labelled + pseudo lists (de_pseudo the baseline), and every
-# pseudo row against the labelled-only de (what the pseudo-queries add, at more steps).
+# against hard labels on the same labelled + pseudo lists (de_pseudo the baseline), every
+# pseudo row against the labelled-only de (what the pseudo-queries add, at more steps), and
+# the word level and filter on top of soft labels (md2pr_pseudo against de_sent_pseudo).
 compare_pseudo() {
   local name ds=() kind=${PSEUDO_KIND:-title}
   for name in scifact nfcorpus; do
@@ -95,7 +96,9 @@ compare_pseudo() {
     --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de_pseudo" >/dev/null
   "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de=de --row de_pseudo=de_pseudo \
     --row de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de" >/dev/null
-  echo "wrote $OUT/pseudo_$kind/vs_de_pseudo and $OUT/pseudo_$kind/vs_de"
+  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo \
+    --out "$OUT/pseudo_$kind/md2pr_vs_de_sent_pseudo" >/dev/null
+  echo "wrote $OUT/pseudo_$kind/vs_de_pseudo, vs_de and md2pr_vs_de_sent_pseudo"
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its
