@@ -314,14 +314,20 @@ def prepare_dataset(config, workdir: str, tokenizer=None) -> RetrievalDataset:
     a missing dataset is one error everywhere rather than some processes failing while the
     others go on to the next collective.
     """
+    config = _with_data(config)
+    with cache_lock(cache_dir(config, workdir), config.data.builder):
+        return _prepare_dataset(config, workdir, tokenizer)
+
+
+def _with_data(config):
+    """`config` with data.dir where `fetch.ensure_data` found (or fetched) the dataset."""
     from md2pr_jax.data.fetch import ensure_data
 
     root = ensure_data(config)
     if root != config.data.dir:
         config = config.copy_and_resolve_references()
         config.data.dir = root
-    with cache_lock(cache_dir(config, workdir), config.data.builder):
-        return _prepare_dataset(config, workdir, tokenizer)
+    return config
 
 
 @contextlib.contextmanager
@@ -395,12 +401,7 @@ def corpus_titles(config, workdir: str, doc_ids: Sequence[str]) -> list[str]:
     """The title of each document in `doc_ids` ('' where it has none), read from the TFDS build
     of config.data (the prepared files keep only title + ' ' + text). For the 'title' kind of
     pseudo-query (data/pseudo.py); reads the whole corpus split once."""
-    from md2pr_jax.data.fetch import ensure_data
-
-    root = ensure_data(config)
-    if root != config.data.dir:
-        config = config.copy_and_resolve_references()
-        config.data.dir = root
+    config = _with_data(config)
     d = config.data
     with cache_lock(cache_dir(config, workdir), d.builder):
         build = builders.build(d.builder, d.dataset, source_dir(config), cache_dir(config, workdir), d.bad_records)

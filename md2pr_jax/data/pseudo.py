@@ -103,7 +103,8 @@ def cut_queries(doc_texts, count: int, kind: str, seed: int, exclude=(), titles=
         pick = usable[0] if kind == "first" else usable[int(rng.integers(len(usable)))]
         rows.append(d)
         queries.append(sents[pick])
-        passages.append(" ".join(s for i, s in enumerate(sents) if i != pick))
+        if kind == "ict":
+            passages.append(" ".join(s for i, s in enumerate(sents) if i != pick))
     return Cut(np.asarray(rows, np.int64), queries, passages if kind in TRAIN_ONLY_KINDS else None)
 
 
