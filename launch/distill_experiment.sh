@@ -68,7 +68,9 @@ run_dataset() {
 # on both, for the same steps, in RUNS/NAME_KIND. Round 0 (baselines, teacher, rerank) is
 # linked from RUNS/NAME when that has finished (else computed here); round 1's mining and
 # teacher pass run over both query sets. Rows archive under OUT/per_query as NAME.<row>_s<seed>.
-PSEUDO_ROWS=de_pseudo,de_sent_pseudo,md2pr_pseudo
+# PSEUDO_ROWS (default de_pseudo,de_sent_pseudo,md2pr_pseudo) run with every seed;
+# PSEUDO_EXTRA_ROWS (e.g. de_sent_word_pseudo) with the first seed only.
+PSEUDO_ROWS=${PSEUDO_ROWS:-de_pseudo,de_sent_pseudo,md2pr_pseudo}
 pseudo() {
   local name=$1 args reuse=() kind=${PSEUDO_KIND:-title}
   [[ -n $name && -n $(dataset_args "$name") ]] || { echo "usage: $0 pseudo scifact|nfcorpus" >&2; exit 2; }
@@ -78,7 +80,8 @@ pseudo() {
   echo "== $name pseudo-queries ($kind): $RUNS/${name}_$kind (log $RUNS/${name}_$kind.log)"
   "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" "${CUTS[@]}" --workdir "$RUNS/${name}_$kind" \
     --config.data.pseudo_queries="${PSEUDO_QUERIES:-2000}" --config.data.pseudo_kind="$kind" "${reuse[@]}" \
-    --seeds "$SEEDS" --rows $PSEUDO_ROWS --multi_seed_rows $PSEUDO_ROWS --archive "$OUT/per_query" \
+    --seeds "$SEEDS" --rows "$PSEUDO_ROWS${PSEUDO_EXTRA_ROWS:+,$PSEUDO_EXTRA_ROWS}" --multi_seed_rows "$PSEUDO_ROWS" \
+    --archive "$OUT/per_query" \
     >>"$RUNS/${name}_$kind.log" 2>&1
 }
 
@@ -99,6 +102,14 @@ compare_pseudo() {
   "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo \
     --out "$OUT/pseudo_$kind/md2pr_vs_de_sent_pseudo" >/dev/null
   echo "wrote $OUT/pseudo_$kind/vs_de_pseudo, vs_de and md2pr_vs_de_sent_pseudo"
+  # The word level (de_sent_word_pseudo - de_sent_pseudo) and the filter on top of it
+  # (md2pr_pseudo - de_sent_word_pseudo), where that row was run (PSEUDO_EXTRA_ROWS).
+  compgen -G "$OUT/per_query/*.de_sent_word_pseudo_s*.test.json" >/dev/null || return 0
+  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_pseudo=de_sent_pseudo \
+    --row de_sent_word_pseudo=de_sent_word_pseudo --out "$OUT/pseudo_$kind/word_vs_de_sent_pseudo" >/dev/null
+  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_word_pseudo=de_sent_word_pseudo \
+    --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/filter_vs_de_sent_word_pseudo" >/dev/null
+  echo "wrote $OUT/pseudo_$kind/word_vs_de_sent_pseudo and filter_vs_de_sent_word_pseudo"
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its

@@ -37,8 +37,9 @@ ROWS = {
                          {"loss.use_sent": True, "loss.use_word": True, "filter.enabled": True, "filter.dynamic": False, **_LABELLED}),
 }
 # Soft against hard labels on the same pseudo-queries (data.pseudo_queries > 0): DE trains on
-# each pseudo-query's source passage as its positive, MD2PR on the teacher's scores as well.
-for _name in ("de", "de_sent", "md2pr"):
+# each pseudo-query's source passage as its positive, MD2PR on the teacher's scores as well;
+# de_sent_word_pseudo splits md2pr_pseudo - de_sent_pseudo into the word level and the filter.
+for _name in ("de", "de_sent", "de_sent_word", "md2pr"):
     ROWS[f"{_name}_pseudo"] = Row(f"{ROWS[_name].title} + pseudo-queries", {**ROWS[_name].switches, "train.pseudo": True})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 
