@@ -95,20 +95,22 @@ compare_pseudo() {
     compgen -G "$OUT/per_query/$name.de_pseudo_s*.test.json" >/dev/null && ds+=(--dataset "$name=$OUT/per_query")
   done
   if [[ ${#ds[@]} -eq 0 ]]; then echo "no pseudo rows archived in $OUT/per_query yet (run \`$0 pseudo NAME\`)" >&2; return 1; fi
-  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_pseudo=de_pseudo --row de_sent_pseudo=de_sent_pseudo \
-    --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de_pseudo" >/dev/null
-  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de=de --row de_pseudo=de_pseudo \
-    --row de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/vs_de" >/dev/null
-  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_pseudo=de_sent_pseudo --row md2pr_pseudo=md2pr_pseudo \
-    --out "$OUT/pseudo_$kind/md2pr_vs_de_sent_pseudo" >/dev/null
+  # pair OUT_NAME BASELINE ROW...: one comparison (each row under its own name) into OUT/pseudo_KIND/OUT_NAME.
+  pair() {
+    local out=$1 base=$2 row rows=()
+    shift 2
+    for row; do rows+=(--row "$row=$row"); done
+    "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline "$base=$base" "${rows[@]}" --out "$OUT/pseudo_$kind/$out" >/dev/null
+  }
+  pair vs_de_pseudo de_pseudo de_sent_pseudo md2pr_pseudo
+  pair vs_de de de_pseudo de_sent_pseudo md2pr_pseudo
+  pair md2pr_vs_de_sent_pseudo de_sent_pseudo md2pr_pseudo
   echo "wrote $OUT/pseudo_$kind/vs_de_pseudo, vs_de and md2pr_vs_de_sent_pseudo"
   # The word level (de_sent_word_pseudo - de_sent_pseudo) and the filter on top of it
-  # (md2pr_pseudo - de_sent_word_pseudo), where that row was run (PSEUDO_EXTRA_ROWS).
+  # (md2pr_pseudo - de_sent_word_pseudo), where that row was run (named in PSEUDO_ROWS or PSEUDO_EXTRA_ROWS).
   compgen -G "$OUT/per_query/*.de_sent_word_pseudo_s*.test.json" >/dev/null || return 0
-  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_pseudo=de_sent_pseudo \
-    --row de_sent_word_pseudo=de_sent_word_pseudo --out "$OUT/pseudo_$kind/word_vs_de_sent_pseudo" >/dev/null
-  "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline de_sent_word_pseudo=de_sent_word_pseudo \
-    --row md2pr_pseudo=md2pr_pseudo --out "$OUT/pseudo_$kind/filter_vs_de_sent_word_pseudo" >/dev/null
+  pair word_vs_de_sent_pseudo de_sent_pseudo de_sent_word_pseudo
+  pair filter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pseudo
   echo "wrote $OUT/pseudo_$kind/word_vs_de_sent_pseudo and filter_vs_de_sent_word_pseudo"
 }
 
