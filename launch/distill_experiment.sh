@@ -87,31 +87,38 @@ pseudo() {
 
 # The pseudo-query rows of each dataset that has archived them (OUT/per_query): soft labels
 # against hard labels on the same labelled + pseudo lists (de_pseudo the baseline), every
-# pseudo row against the labelled-only de (what the pseudo-queries add, at more steps), and
-# the word level and filter on top of soft labels (md2pr_pseudo against de_sent_pseudo).
+# pseudo row against the labelled-only de (what the pseudo-queries add, at more steps), the
+# word level and filter on top of soft labels (md2pr_pseudo against de_sent_pseudo), and the
+# word level and the filter apart (through de_sent_word_pseudo). A comparison reads each dataset
+# that has archived all of its rows and is skipped where none has: a dataset part-way through
+# its rows joins the comparisons its finished rows make.
 compare_pseudo() {
-  local name ds=() kind=${PSEUDO_KIND:-title}
-  for name in scifact nfcorpus; do
-    compgen -G "$OUT/per_query/$name.de_pseudo_s*.test.json" >/dev/null && ds+=(--dataset "$name=$OUT/per_query")
-  done
-  if [[ ${#ds[@]} -eq 0 ]]; then echo "no pseudo rows archived in $OUT/per_query yet (run \`$0 pseudo NAME\`)" >&2; return 1; fi
+  local kind=${PSEUDO_KIND:-title} wrote=()
+  if ! compgen -G "$OUT/per_query/*.de_pseudo_s*.test.json" >/dev/null; then
+    echo "no pseudo rows archived in $OUT/per_query yet (run \`$0 pseudo NAME\`)" >&2; return 1
+  fi
   # pair OUT_NAME BASELINE ROW...: one comparison (each row under its own name) into OUT/pseudo_KIND/OUT_NAME.
   pair() {
-    local out=$1 base=$2 row rows=()
+    local out=$1 base=$2 name row ds=() rows=() missing
     shift 2
+    for name in scifact nfcorpus; do
+      missing=0
+      for row in "$base" "$@"; do
+        compgen -G "$OUT/per_query/$name.${row}_s*.test.json" >/dev/null || missing=1
+      done
+      [[ $missing -eq 0 ]] && ds+=(--dataset "$name=$OUT/per_query")
+    done
+    if [[ ${#ds[@]} -eq 0 ]]; then echo "skipped $out: no dataset has archived $base and $*" >&2; return 0; fi
     for row; do rows+=(--row "$row=$row"); done
     "$PYTHON" -m md2pr_jax.compare "${ds[@]}" --baseline "$base=$base" "${rows[@]}" --out "$OUT/pseudo_$kind/$out" >/dev/null
+    wrote+=("$out")
   }
   pair vs_de_pseudo de_pseudo de_sent_pseudo md2pr_pseudo
   pair vs_de de de_pseudo de_sent_pseudo md2pr_pseudo
   pair md2pr_vs_de_sent_pseudo de_sent_pseudo md2pr_pseudo
-  echo "wrote $OUT/pseudo_$kind/vs_de_pseudo, vs_de and md2pr_vs_de_sent_pseudo"
-  # The word level (de_sent_word_pseudo - de_sent_pseudo) and the filter on top of it
-  # (md2pr_pseudo - de_sent_word_pseudo), where that row was run (named in PSEUDO_ROWS or PSEUDO_EXTRA_ROWS).
-  compgen -G "$OUT/per_query/*.de_sent_word_pseudo_s*.test.json" >/dev/null || return 0
   pair word_vs_de_sent_pseudo de_sent_pseudo de_sent_word_pseudo
   pair filter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pseudo
-  echo "wrote $OUT/pseudo_$kind/word_vs_de_sent_pseudo and filter_vs_de_sent_word_pseudo"
+  echo "wrote ${wrote[*]} under $OUT/pseudo_$kind"
 }
 
 # The grid on dev over the finished ablation's stages (RUNS/NAME_tune), then each row at its

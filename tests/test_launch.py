@@ -743,6 +743,39 @@ def test_distill_experiment_compares_from_the_committed_archive(tmp_path):
         assert new["cost_s"] == {r: {"scifact": c["scifact"]} for r, c in old["cost_s"].items()}
 
 
+def test_distill_experiment_compare_pseudo_reads_only_the_datasets_that_finished_each_comparison(tmp_path):
+    """`compare-pseudo` with NFCorpus's pseudo rows archived and SciFact part-way (only its
+    de_pseudo): every comparison reads NFCorpus alone and matches the committed one; with
+    NFCorpus's de_sent_word_pseudo gone too, the two comparisons through it are skipped and
+    say so, and the others are still written."""
+    committed = os.path.join(ROOT, "docs", "results", "distill_l3")
+    archive = tmp_path / "out" / "per_query"
+    shutil.copytree(os.path.join(committed, "per_query"), archive)
+    for split in ("test", "dev"):  # a SciFact pseudo run that has finished its first row only
+        shutil.copy(archive / f"scifact.de_s0.{split}.json", archive / f"scifact.de_pseudo_s0.{split}.json")
+    env = dict(os.environ, RUNS=str(tmp_path / "runs"), PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    script = os.path.join(ROOT, "launch", "distill_experiment.sh")
+    proc = subprocess.run(["bash", script, "compare-pseudo"], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    names = ("vs_de_pseudo", "vs_de", "md2pr_vs_de_sent_pseudo", "word_vs_de_sent_pseudo",
+             "filter_vs_de_sent_word_pseudo")
+    for name in names:
+        old, new = (json.load(open(os.path.join(d, "pseudo_title", name, "compare.json")))
+                    for d in (committed, tmp_path / "out"))
+        assert new["datasets"] == ["nfcorpus"], name
+        assert new["query_level"]["tests"] == old["query_level"]["tests"], name
+    for path in archive.glob("nfcorpus.de_sent_word_pseudo_s*"):
+        path.unlink()
+    shutil.rmtree(tmp_path / "out" / "pseudo_title")
+    proc = subprocess.run(["bash", script, "compare-pseudo"], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(os.listdir(tmp_path / "out" / "pseudo_title"))
+    assert written == sorted(names[:3])
+    assert "skipped word_vs_de_sent_pseudo" in proc.stderr and "skipped filter_vs_de_sent_word_pseudo" in proc.stderr
+
+
 def test_distill_experiment_compares_tuned_rows_under_a_path_with_spaces(tmp_path):
     """`compare-tuned` pairs each dataset's tuned rows (RUNS/NAME_tuned/ROW) with its tuned `de`,
     pooled over the datasets that have them, whatever characters RUNS holds."""
