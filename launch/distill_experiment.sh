@@ -69,7 +69,8 @@ run_dataset() {
 # linked from RUNS/NAME when that has finished (else computed here); round 1's mining and
 # teacher pass run over both query sets. Rows archive under OUT/per_query as NAME.<row>_s<seed>.
 # PSEUDO_ROWS (default de_pseudo,de_sent_pseudo,md2pr_pseudo) run with every seed;
-# PSEUDO_EXTRA_ROWS (e.g. de_sent_word_pseudo) with the first seed only.
+# PSEUDO_EXTRA_ROWS (e.g. de_sent_word_pseudo) with the first seed only. Other pseudo rows:
+# de_sent_word_pseudo, md2pr_pfilter_pseudo (the filter on the pseudo-queries' lists only).
 PSEUDO_ROWS=${PSEUDO_ROWS:-de_pseudo,de_sent_pseudo,md2pr_pseudo}
 pseudo() {
   local name=$1 args reuse=() kind=${PSEUDO_KIND:-title}
@@ -118,6 +119,10 @@ compare_pseudo() {
   pair md2pr_vs_de_sent_pseudo de_sent_pseudo md2pr_pseudo
   pair word_vs_de_sent_pseudo de_sent_pseudo de_sent_word_pseudo
   pair filter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pseudo
+  # The filter on the pseudo-queries' lists alone (md2pr_pfilter_pseudo), and what filtering
+  # the labelled lists as well adds to it (md2pr_pseudo).
+  pair pfilter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pfilter_pseudo
+  pair md2pr_vs_pfilter_pseudo md2pr_pfilter_pseudo md2pr_pseudo
   echo "wrote ${wrote[*]} under $OUT/pseudo_$kind"
 }
 

@@ -52,6 +52,7 @@ REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
 ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
             "filter.dynamic", "filter.tau0", "filter.momentum", "filter.quantile", "filter.tau_min",
             "filter.tau_max", "filter.promote", "filter.promote_tau", "filter.tau_source", "filter.keep_flagged",
+            "filter.pseudo_only",
             "data.num_negatives", "teacher.bm25_weight", "teacher.bm25_weight_from_dev", "loss.word_temperature")
 # Keys only the rerank stage reads besides the row keys: where they differ it is not linked.
 RERANK_KEYS = ("teacher_train.rerank_depth",)
@@ -236,13 +237,22 @@ def filter_only(config, workdir: str, rows: list[str], reuse_from: list[str] = (
     return out
 
 
+# Keys added to the config after rows were archived, with the value every such row ran under:
+# a row at that value leaves the key out of its digest, so that the archive still keeps it.
+DIGEST_LATER_KEYS = {"filter.pseudo_only": False}
+
+
 def row_digest(row_cfg) -> str:
-    """What a kept row was trained under (`row_archive`): its whole config but its name and where
-    the data lies on this machine."""
+    """What a kept row was trained under (`row_archive`): its whole config but its name, where
+    the data lies on this machine, and DIGEST_LATER_KEYS at their old value."""
     d = json.loads(row_cfg.to_json_best_effort())
     d.pop("name", None)
     for key in ("dir", "cache_dir"):
         d.get("data", {}).pop(key, None)
+    for key, old in DIGEST_LATER_KEYS.items():
+        section, name = key.split(".")
+        if d.get(section, {}).get(name, old) == old:
+            d.get(section, {}).pop(name, None)
     return row_archive.config_digest(d)
 
 

@@ -211,6 +211,11 @@ def base_config() -> ConfigDict:
     # True: flagged candidates leave the contrastive negatives but stay in the distillation
     # lists (sentence and word level) with their teacher scores; False: dropped from every loss.
     c.filter.keep_flagged = False
+    # True: the filter flags candidates of the pseudo-queries' lists only (the labelled queries'
+    # lists keep every mined negative), to tell whether a filter's gain comes from pseudo-queries
+    # whose one positive leaves their other relevant passages among the negatives. Needs
+    # train.pseudo; tau is updated as without it.
+    c.filter.pseudo_only = False
 
     # --- retrieval ----------------------------------------------------------------------
     c.retrieval = ConfigDict()
@@ -328,6 +333,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     for key, on in (("train.pseudo", cfg.train.pseudo), ("filter.tau_source='pseudo'", cfg.filter.tau_source == "pseudo")):
         if on and cfg.data.pseudo_queries <= 0:
             raise ConfigError(f"config.{key} needs pseudo-queries: set config.data.pseudo_queries > 0")
+    if cfg.filter.pseudo_only and not (cfg.train.pseudo and cfg.filter.enabled):
+        raise ConfigError("config.filter.pseudo_only=True filters the pseudo-queries' lists: it needs "
+                          "config.train.pseudo=True (and data.pseudo_queries > 0) and config.filter.enabled=True")
     if cfg.teacher_train.folds > 1 and cfg.loss.teacher_mode == "online":
         raise ConfigError("config.teacher_train.folds > 1 needs loss.teacher_mode='cached': an online teacher "
                           "in the step is one model, cross-fitted teachers are one per fold")

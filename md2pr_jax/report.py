@@ -21,7 +21,8 @@ class Row:
     switches: dict | None = None
 
 
-_LABELLED = {"train.pseudo": False}  # student rows train on the labelled queries, whatever the config says
+# Student rows train on the labelled queries (and filter every list they train on), whatever the config says.
+_LABELLED = {"train.pseudo": False, "filter.pseudo_only": False}
 ROWS = {
     "bm25": Row("BM25"),
     "zero_shot": Row("zero-shot student"),
@@ -41,13 +42,20 @@ ROWS = {
 # de_sent_word_pseudo splits md2pr_pseudo - de_sent_pseudo into the word level and the filter.
 for _name in ("de", "de_sent", "de_sent_word", "md2pr"):
     ROWS[f"{_name}_pseudo"] = Row(f"{ROWS[_name].title} + pseudo-queries", {**ROWS[_name].switches, "train.pseudo": True})
+# md2pr_pseudo with the filter on the pseudo-queries' lists only: whether its gain over
+# de_sent_word_pseudo comes from the pseudo-queries' lists (their other relevant passages mined
+# as negatives) or from the labelled ones.
+ROWS["md2pr_pfilter_pseudo"] = Row("MD2PR + pseudo-queries, filter on the pseudo-queries' lists only",
+                                   {**ROWS["md2pr_pseudo"].switches, "filter.pseudo_only": True})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 
 
 def row_name(config) -> str:
     """The student row a config belongs to (md2pr for the full method)."""
     lc, fc = config.loss, config.filter
-    if fc.enabled:
+    if fc.enabled and fc.pseudo_only:
+        name = "md2pr_pfilter" if fc.dynamic else "static_pfilter"
+    elif fc.enabled:
         name = "md2pr" if fc.dynamic else "static_filter"
     elif lc.use_word:
         name = "de_sent_word"

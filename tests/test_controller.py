@@ -75,6 +75,24 @@ def test_row_names_follow_the_ablation_switches():
         assert row_name(row_config(base_config(), row, 0)) == row
 
 
+def test_a_key_added_later_keeps_the_archived_rows_digests():
+    """ablation.DIGEST_LATER_KEYS: at the value every archived row ran under, the key leaves the
+    digest as it was before the key existed; any other value changes it."""
+    from md2pr_jax import row_archive
+    from md2pr_jax.ablation import DIGEST_LATER_KEYS, row_config, row_digest
+
+    cfg = row_config(base_config(), "md2pr_pseudo", 0)
+    before = json.loads(cfg.to_json_best_effort())
+    before.pop("name")
+    for key in ("dir", "cache_dir"):
+        before["data"].pop(key, None)
+    for key in DIGEST_LATER_KEYS:
+        section, name = key.split(".")
+        del before[section][name]
+    assert row_digest(cfg) == row_archive.config_digest(before)
+    assert row_digest(row_config(base_config(), "md2pr_pfilter_pseudo", 0)) != row_digest(cfg)
+
+
 @pytest.mark.data
 def test_ablation_writes_every_row(tmp_path):
     work = tmp_path / "abl"
@@ -170,7 +188,8 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # Kind 'title': each positive is its document's body, a passage after the corpus rows that no
     # mining returns, and the source document is no negative; the hybrid labels score it too.
     sixth = tmp_path / "sixth"
-    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo", "--reuse_from",
+    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo,md2pr_pfilter_pseudo",
+                          "--reuse_from",
                           str(run), "--config.data.pseudo_queries=12", "--config.data.pseudo_kind=title",
                           "--config.filter.keep_flagged=True", "--config.filter.tau_source=pseudo",
                           "--config.teacher.bm25_weight=1.0"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -193,10 +212,14 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # The bodies are 12 new rows after every row mining can return, one per pseudo-query.
     assert sorted(bodies) == list(range(min(bodies), min(bodies) + 12)) and min(bodies) > cand["cand"].max()
     filt = {r: json.loads((sixth / "rows" / f"{r}_s0" / "rounds" / "r01" / "filter" / "result.json").read_text())
-            for r in ("md2pr", "de_pseudo", "md2pr_pseudo")}
+            for r in ("md2pr", "de_pseudo", "md2pr_pseudo", "md2pr_pfilter_pseudo")}
     assert filt["md2pr"]["pseudo"]["examples"] == 0 and filt["md2pr_pseudo"]["pseudo"]["examples"] == 12
     assert filt["md2pr_pseudo"]["examples"] == filt["md2pr"]["examples"] + 12 == filt["de_pseudo"]["examples"]
     assert filt["md2pr_pseudo"]["tau_source"] == "pseudo" and filt["md2pr_pseudo"]["positives_for_tau"] == 12
+    # The filter on the pseudo-queries' lists only: the same threshold, the same flags there, none elsewhere.
+    only = filt["md2pr_pfilter_pseudo"]
+    assert only["pseudo_only"] and only["tau"] == filt["md2pr_pseudo"]["tau"]
+    assert only["flagged"] == only["pseudo"]["flagged"] == filt["md2pr_pseudo"]["pseudo"]["flagged"]
     assert (sixth / "rows" / "md2pr_pseudo_s0" / "rounds" / "r01" / "filter" / "examples" / "kd_mask.npy").exists()
 
     # An ablation workdir as the source: a 2-round ablation extends the 1-round one, running round 2 only.

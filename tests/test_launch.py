@@ -771,8 +771,8 @@ def test_distill_experiment_compare_pseudo_reads_only_the_datasets_that_finished
     proc = subprocess.run(["bash", script, "compare-pseudo"], capture_output=True, text=True, timeout=600,
                           env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    written = sorted(os.listdir(tmp_path / "out" / "pseudo_title"))
-    assert written == sorted(names[:3])
+    written = set(os.listdir(tmp_path / "out" / "pseudo_title"))
+    assert set(names[:3]) <= written and not set(names[3:]) & written
     assert "skipped word_vs_de_sent_pseudo" in proc.stderr and "skipped filter_vs_de_sent_word_pseudo" in proc.stderr
 
 

@@ -124,6 +124,12 @@ def test_pseudo_config_is_validated():
     with pytest.raises(ConfigError, match="tau_source"):
         validate(make_tiny_config(**{"filter.tau_source": "dev"}))
     validate(make_tiny_config(**{"data.pseudo_queries": 5, "train.pseudo": True, "filter.tau_source": "pseudo"}))
+    with pytest.raises(ConfigError, match="pseudo_only"):
+        validate(make_tiny_config(**{"data.pseudo_queries": 5, "filter.pseudo_only": True}))
+    with pytest.raises(ConfigError, match="pseudo_only"):
+        validate(make_tiny_config(**{"data.pseudo_queries": 5, "train.pseudo": True, "filter.pseudo_only": True,
+                                     "filter.enabled": False}))
+    validate(make_tiny_config(**{"data.pseudo_queries": 5, "train.pseudo": True, "filter.pseudo_only": True}))
 
 
 def test_a_training_only_positive_keeps_its_source_document_out_of_the_mined_negatives():

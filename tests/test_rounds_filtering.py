@@ -73,6 +73,19 @@ def test_flags_and_promotion_respect_switches_and_padding():
     assert not flagged.any() and not promoted.any()
 
 
+def test_flags_only_the_selected_queries_lists():
+    """filter.pseudo_only: `lists` leaves the other queries' candidates unflagged and unpromoted."""
+    fc = base_config().filter
+    fc.promote, fc.promote_tau = True, 0.94
+    cand = np.array([[1, 2, -1], [3, 4, 5], [6, 7, 8]])
+    probs = np.array([[0.95, 0.5, 0.99], [0.97, 0.92, 0.1], [0.99, 0.2, 0.91]])
+    flagged, promoted = filtering.flag(fc, cand, probs, 0.9, np.array([True, False, True]))
+    assert flagged.tolist() == [[True, False, False], [False, False, False], [True, False, True]]
+    assert promoted.tolist() == [[True, False, False], [False, False, False], [True, False, False]]
+    everywhere = filtering.flag(fc, cand, probs, 0.9)[0]
+    assert everywhere[1].tolist() == [True, True, False]
+
+
 def test_build_lists_samples_unflagged_negatives_hardest_first():
     q_rows = np.array([0])
     cand = np.array([[10, 11, 12, 13]])

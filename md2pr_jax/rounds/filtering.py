@@ -170,9 +170,11 @@ def teacher_signal(scores: RoundScores, cand: np.ndarray) -> dict:
     return {"positive_rr": float(np.mean(rr)), "positive_mass": float(np.mean(mass))}
 
 
-def flag(filter_cfg, cand: np.ndarray, cand_probs: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """(flagged, promoted) bool [M, K]: presumed false negatives, and those joining the positives."""
-    valid = cand >= 0
+def flag(filter_cfg, cand: np.ndarray, cand_probs: np.ndarray, tau: float,
+         lists: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged, promoted) bool [M, K]: presumed false negatives, and those joining the positives.
+    `lists` (bool [M], None = all) selects the queries whose candidates may be flagged."""
+    valid = cand >= 0 if lists is None else (cand >= 0) & np.asarray(lists, bool)[:, None]
     flagged = (cand_probs >= tau) & valid if filter_cfg.enabled else np.zeros(cand.shape, bool)
     promoted = (cand_probs >= filter_cfg.promote_tau) & flagged if filter_cfg.promote else np.zeros(cand.shape, bool)
     return flagged, promoted
