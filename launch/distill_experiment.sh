@@ -70,7 +70,8 @@ run_dataset() {
 # teacher pass run over both query sets. Rows archive under OUT/per_query as NAME.<row>_s<seed>.
 # PSEUDO_ROWS (default de_pseudo,de_sent_pseudo,md2pr_pseudo) run with every seed;
 # PSEUDO_EXTRA_ROWS (e.g. de_sent_word_pseudo) with the first seed only. Other pseudo rows:
-# de_sent_word_pseudo, md2pr_pfilter_pseudo (the filter on the pseudo-queries' lists only).
+# de_sent_word_pseudo, md2pr_pfilter_pseudo (the filter on the pseudo-queries' lists only),
+# md2pr_rfilter_pseudo (its control: as many drops per list as the filter flags, at random).
 PSEUDO_ROWS=${PSEUDO_ROWS:-de_pseudo,de_sent_pseudo,md2pr_pseudo}
 pseudo() {
   local name=$1 args reuse=() kind=${PSEUDO_KIND:-title}
@@ -123,6 +124,10 @@ compare_pseudo() {
   # the labelled lists as well adds to it (md2pr_pseudo).
   pair pfilter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pfilter_pseudo
   pair md2pr_vs_pfilter_pseudo md2pr_pfilter_pseudo md2pr_pseudo
+  # Its control (md2pr_rfilter_pseudo): as many drops per list, at random; md2pr_pseudo against
+  # it is which candidates the teacher flags, at the same count.
+  pair rfilter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_rfilter_pseudo
+  pair md2pr_vs_rfilter_pseudo md2pr_rfilter_pseudo md2pr_pseudo
   echo "wrote ${wrote[*]} under $OUT/pseudo_$kind"
 }
 

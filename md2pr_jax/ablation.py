@@ -52,7 +52,7 @@ REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
 ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
             "filter.dynamic", "filter.tau0", "filter.momentum", "filter.quantile", "filter.tau_min",
             "filter.tau_max", "filter.promote", "filter.promote_tau", "filter.tau_source", "filter.keep_flagged",
-            "filter.pseudo_only",
+            "filter.pseudo_only", "filter.random_flags",
             "data.num_negatives", "teacher.bm25_weight", "teacher.bm25_weight_from_dev", "loss.word_temperature")
 # Keys only the rerank stage reads besides the row keys: where they differ it is not linked.
 RERANK_KEYS = ("teacher_train.rerank_depth",)
@@ -239,7 +239,7 @@ def filter_only(config, workdir: str, rows: list[str], reuse_from: list[str] = (
 
 # Keys added to the config after rows were archived, with the value every such row ran under:
 # a row at that value leaves the key out of its digest, so that the archive still keeps it.
-DIGEST_LATER_KEYS = {"filter.pseudo_only": False}
+DIGEST_LATER_KEYS = {"filter.pseudo_only": False, "filter.random_flags": False}
 
 
 def row_digest(row_cfg) -> str:

@@ -216,6 +216,10 @@ def base_config() -> ConfigDict:
     # whose one positive leaves their other relevant passages among the negatives. Needs
     # train.pseudo; tau is updated as without it.
     c.filter.pseudo_only = False
+    # True: a control for the filter. Each list drops as many candidates as the filter flags in
+    # it, drawn at random among its candidates: whether a gain comes from which candidates the
+    # teacher flags (false negatives) or from how many hard negatives a list keeps.
+    c.filter.random_flags = False
 
     # --- retrieval ----------------------------------------------------------------------
     c.retrieval = ConfigDict()
@@ -333,6 +337,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     for key, on in (("train.pseudo", cfg.train.pseudo), ("filter.tau_source='pseudo'", cfg.filter.tau_source == "pseudo")):
         if on and cfg.data.pseudo_queries <= 0:
             raise ConfigError(f"config.{key} needs pseudo-queries: set config.data.pseudo_queries > 0")
+    if cfg.filter.random_flags and (cfg.filter.promote or not cfg.filter.enabled):
+        raise ConfigError("config.filter.random_flags=True draws the flags of an enabled filter at random: it needs "
+                          "config.filter.enabled=True and config.filter.promote=False (a random flag is no positive)")
     if cfg.filter.pseudo_only and not (cfg.train.pseudo and cfg.filter.enabled):
         raise ConfigError("config.filter.pseudo_only=True filters the pseudo-queries' lists: it needs "
                           "config.train.pseudo=True (and data.pseudo_queries > 0) and config.filter.enabled=True")

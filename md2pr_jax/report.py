@@ -22,7 +22,7 @@ class Row:
 
 
 # Student rows train on the labelled queries (and filter every list they train on), whatever the config says.
-_LABELLED = {"train.pseudo": False, "filter.pseudo_only": False}
+_LABELLED = {"train.pseudo": False, "filter.pseudo_only": False, "filter.random_flags": False}
 ROWS = {
     "bm25": Row("BM25"),
     "zero_shot": Row("zero-shot student"),
@@ -47,14 +47,18 @@ for _name in ("de", "de_sent", "de_sent_word", "md2pr"):
 # as negatives) or from the labelled ones.
 ROWS["md2pr_pfilter_pseudo"] = Row("MD2PR + pseudo-queries, filter on the pseudo-queries' lists only",
                                    {**ROWS["md2pr_pseudo"].switches, "filter.pseudo_only": True})
+# Its control: each list drops as many candidates as the filter flags there, drawn at random.
+ROWS["md2pr_rfilter_pseudo"] = Row("MD2PR + pseudo-queries, random drops (as many per list as the filter flags)",
+                                   {**ROWS["md2pr_pseudo"].switches, "filter.random_flags": True})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 
 
 def row_name(config) -> str:
     """The student row a config belongs to (md2pr for the full method)."""
     lc, fc = config.loss, config.filter
-    if fc.enabled and fc.pseudo_only:
-        name = "md2pr_pfilter" if fc.dynamic else "static_pfilter"
+    if fc.enabled and (fc.pseudo_only or fc.random_flags):
+        name = ("md2pr" if fc.dynamic else "static") + ("_pfilter" if fc.pseudo_only else "") \
+            + ("_rfilter" if fc.random_flags else "")
     elif fc.enabled:
         name = "md2pr" if fc.dynamic else "static_filter"
     elif lc.use_word:

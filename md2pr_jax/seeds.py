@@ -20,6 +20,7 @@ PURPOSES = {
     "pseudo_queries": "which passages give pseudo-queries, and which sentence of each (shared by every row)",
     "list_positives": "which positives of a query with more than data.positives_per_query get lists (shared by every row)",
     "negatives": "round `index`'s negative sampling from the unflagged candidates",
+    "random_flags": "round `index`'s random flags (filter.random_flags: which candidates of each list are dropped)",
     "batch_order": "round `index`'s batch order (the train iterator's seed)",
 }
 
@@ -48,6 +49,8 @@ def derive_seed(config, purpose: str, index: int | tuple[int, int] = 0) -> int |
         return s + 17
     if purpose == "negatives":
         return [s, t, int(index)]
+    if purpose == "random_flags":
+        return [s, t, 1000 + int(index)]
     if purpose == "batch_order":
         return (s * 1000 + t) * 100 + int(index)
     raise ValueError(f"unknown seed purpose {purpose!r}; choose from {sorted(PURPOSES)}")

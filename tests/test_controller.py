@@ -188,7 +188,7 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # Kind 'title': each positive is its document's body, a passage after the corpus rows that no
     # mining returns, and the source document is no negative; the hybrid labels score it too.
     sixth = tmp_path / "sixth"
-    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo,md2pr_pfilter_pseudo",
+    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo,md2pr_pfilter_pseudo,md2pr_rfilter_pseudo",
                           "--reuse_from",
                           str(run), "--config.data.pseudo_queries=12", "--config.data.pseudo_kind=title",
                           "--config.filter.keep_flagged=True", "--config.filter.tau_source=pseudo",
@@ -212,7 +212,7 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # The bodies are 12 new rows after every row mining can return, one per pseudo-query.
     assert sorted(bodies) == list(range(min(bodies), min(bodies) + 12)) and min(bodies) > cand["cand"].max()
     filt = {r: json.loads((sixth / "rows" / f"{r}_s0" / "rounds" / "r01" / "filter" / "result.json").read_text())
-            for r in ("md2pr", "de_pseudo", "md2pr_pseudo", "md2pr_pfilter_pseudo")}
+            for r in ("md2pr", "de_pseudo", "md2pr_pseudo", "md2pr_pfilter_pseudo", "md2pr_rfilter_pseudo")}
     assert filt["md2pr"]["pseudo"]["examples"] == 0 and filt["md2pr_pseudo"]["pseudo"]["examples"] == 12
     assert filt["md2pr_pseudo"]["examples"] == filt["md2pr"]["examples"] + 12 == filt["de_pseudo"]["examples"]
     assert filt["md2pr_pseudo"]["tau_source"] == "pseudo" and filt["md2pr_pseudo"]["positives_for_tau"] == 12
@@ -220,6 +220,10 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     only = filt["md2pr_pfilter_pseudo"]
     assert only["pseudo_only"] and only["tau"] == filt["md2pr_pseudo"]["tau"]
     assert only["flagged"] == only["pseudo"]["flagged"] == filt["md2pr_pseudo"]["pseudo"]["flagged"]
+    # Its control drops as many candidates per list, at random.
+    rand = filt["md2pr_rfilter_pseudo"]
+    assert rand["random_flags"] and rand["flagged"] == filt["md2pr_pseudo"]["flagged"]
+    assert rand["pseudo"]["flagged"] == filt["md2pr_pseudo"]["pseudo"]["flagged"]
     assert (sixth / "rows" / "md2pr_pseudo_s0" / "rounds" / "r01" / "filter" / "examples" / "kd_mask.npy").exists()
 
     # An ablation workdir as the source: a 2-round ablation extends the 1-round one, running round 2 only.

@@ -130,6 +130,10 @@ def test_pseudo_config_is_validated():
         validate(make_tiny_config(**{"data.pseudo_queries": 5, "train.pseudo": True, "filter.pseudo_only": True,
                                      "filter.enabled": False}))
     validate(make_tiny_config(**{"data.pseudo_queries": 5, "train.pseudo": True, "filter.pseudo_only": True}))
+    for bad in ({"filter.enabled": False}, {"filter.promote": True}):
+        with pytest.raises(ConfigError, match="random_flags"):
+            validate(make_tiny_config(**{"filter.random_flags": True, **bad}))
+    validate(make_tiny_config(**{"filter.random_flags": True}))
 
 
 def test_a_training_only_positive_keeps_its_source_document_out_of_the_mined_negatives():

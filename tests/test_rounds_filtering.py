@@ -86,6 +86,23 @@ def test_flags_only_the_selected_queries_lists():
     assert everywhere[1].tolist() == [True, True, False]
 
 
+def test_random_flags_keep_each_lists_count_on_valid_candidates():
+    """filter.random_flags: per list as many flags as the teacher's, never on padding, drawn
+    uniformly (each valid slot about equally often), the same for the same seed."""
+    rng = np.random.default_rng(0)
+    cand = np.where(rng.random((400, 10)) < 0.1, -1, rng.integers(0, 1000, (400, 10)))
+    flagged = (rng.random((400, 10)) < 0.6) & (cand >= 0)
+    out = filtering.random_flags(flagged, cand, np.random.default_rng(1))
+    assert (out.sum(1) == flagged.sum(1)).all() and not (out & (cand < 0)).any()
+    assert (out != flagged).any()
+    np.testing.assert_array_equal(out, filtering.random_flags(flagged, cand, np.random.default_rng(1)))
+    # Slot j is flagged at the rate the lists' counts imply, not favouring early or late slots.
+    full = np.ones((4000, 5), np.int64)
+    counts = np.repeat([[True, True, False, False, False]], 4000, 0)
+    rate = filtering.random_flags(counts, full, np.random.default_rng(2)).mean(0)
+    np.testing.assert_allclose(rate, 0.4, atol=0.03)
+
+
 def test_build_lists_samples_unflagged_negatives_hardest_first():
     q_rows = np.array([0])
     cand = np.array([[10, 11, 12, 13]])

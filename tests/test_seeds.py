@@ -14,6 +14,7 @@ def test_seed_values_are_the_published_formulas():
         "student_init": 3, "teacher_init": 4, "teacher_state": 3, "student_state": 3 * 7919 + 5, "planted": 10,
         "teacher_epoch": [3, 1002], "negatives": [3, 5, 2], "batch_order": (3 * 1000 + 5) * 100 + 2,
         "teacher_folds": 14, "pseudo_queries": 16, "list_positives": 20,
+        "random_flags": [3, 5, 1002],
     }
     assert set(want) == set(PURPOSES)
     for purpose, value in want.items():

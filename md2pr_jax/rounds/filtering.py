@@ -180,6 +180,14 @@ def flag(filter_cfg, cand: np.ndarray, cand_probs: np.ndarray, tau: float,
     return flagged, promoted
 
 
+def random_flags(flagged: np.ndarray, cand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """bool [M, K]: per list as many flags as `flagged` holds, on candidates drawn uniformly
+    at random among its valid ones (filter.random_flags, a control for which ones are flagged)."""
+    keys = np.where(cand >= 0, rng.random(cand.shape), np.inf)
+    rank = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
+    return rank < flagged.sum(1, keepdims=True)
+
+
 @dataclasses.dataclass
 class TrainLists:
     """A round's training lists: query [E], docs/mask/teacher logits [E, 1 + n] (positive first),

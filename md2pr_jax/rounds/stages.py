@@ -574,6 +574,9 @@ def filter_round(ctx: Context, r: int) -> dict:
     # Without a filter the threshold is not used and does not move.
     tau, tau_hat = filtering.update_threshold(fc, tau_prev, pos_probs) if fc.enabled else (tau_prev, float("nan"))
     flagged, promoted = filtering.flag(fc, cand, cand_probs, tau, is_pseudo if fc.pseudo_only else None)
+    teacher_flags = flagged
+    if fc.random_flags:
+        flagged = filtering.random_flags(flagged, cand, np.random.default_rng(derive_seed(cfg, "random_flags", r)))
     n_neg = int(cfg.data.num_negatives)
     train_on = set(ctx.train_positives) | (set(ctx.pseudo_positives) if cfg.train.pseudo else set())
     lists = filtering.build_lists(q_rows, cand, soft, positives, flagged, promoted, n_neg,
@@ -595,6 +598,7 @@ def filter_round(ctx: Context, r: int) -> dict:
               "bm25_weight": hybrid_weight(cfg, lay.result("rerank")) if uses_teacher(cfg) else 0.0,
               "promoted": int(promoted.sum()), "candidates": int(valid.sum()), "examples": len(lists.query),
               "tau_source": fc.tau_source, "positives_for_tau": int(len(pos_probs)), "pseudo_only": bool(fc.pseudo_only),
+              "random_flags": bool(fc.random_flags), "flagged_by_teacher_kept": int((teacher_flags & ~flagged).sum()),
               "teacher_signal": _signal(soft, cand, ~is_pseudo) if uses_teacher(cfg) else None,
               **filtering.histograms(pos_probs, cand_probs, valid)}
     if ctx.pseudo_positives:
