@@ -9,8 +9,14 @@ small enough to commit after every row. Layout, beside compare's files:
 
     <label>.<system>.<split>.json          the shared stages' evaluations (BM25, zero-shot, teacher)
     <label>.<row>_s<seed>.<split>.json     each finished row and seed (what `compare` reads)
-    costs.json  {label: {"shared": {stage: s}, "rows": {row: {seed: {stage: s}}},
+    costs.json  {label: {"shared": {stage: s}, "shared_by_workdir": {workdir name: {stage: s}},
+                         "rows": {row: {seed: {stage: s}}},
                          "results": {row: {seed: {"config": sha, "result": {...}}}}}}
+
+`shared` holds the latest time of each shared stage of the label (several workdirs share a label,
+e.g. a dataset's labelled ablation and its pseudo-query run), `shared_by_workdir` each workdir's
+own; a run that timed no shared stage (all linked from another workdir or finished earlier) adds
+nothing and erases nothing.
 
 Reuse is guarded at two levels. The shared stages (round 0 and round 1's mining and teacher pass,
 which every row trains on) are recomputed each session; their per-query metrics (the zero-shot
@@ -88,9 +94,13 @@ class RowArchive:
             return
         for name, src in ours.items():
             shutil.copyfile(src, theirs[name])
-        costs = self._costs()
-        costs.setdefault(label, {})["shared"] = compare.shared_costs(str(workdir.root))
-        self._write_costs(costs)
+        timed = compare.shared_costs(str(workdir.root))
+        if timed:  # a run that linked or resumed every shared stage timed none: keep what was recorded
+            costs = self._costs()
+            mine = costs.setdefault(label, {})
+            mine.setdefault("shared", {}).update(timed)
+            mine.setdefault("shared_by_workdir", {})[workdir.root.name] = timed
+            self._write_costs(costs)
 
     @property
     def usable(self) -> bool:

@@ -424,3 +424,31 @@ def test_the_archive_check_tolerates_float_noise_and_nothing_else(tmp_path):
     assert not _same_metrics(ours, saved("fewer", {"ndcg@10": {"q1": 0.5}}))
     assert not _same_metrics(ours, saved("other", {"mrr@10": {"q1": 0.5, "q2": 0.25}}))
     assert not _same_metrics(ours, {"zero_shot.test": ours["bm25.test"]})
+
+
+def test_the_archive_keeps_the_shared_costs_of_every_workdir_of_a_dataset(tmp_path):
+    """Several workdirs archive one dataset (its labelled ablation, its pseudo-query run, a run
+    linked from one of them): each one's shared stage times are kept under its name, `shared`
+    holds each stage's latest time, and a run that timed no shared stage erases nothing (it used
+    to write `shared: {}` over the dataset's recorded costs)."""
+    from md2pr_jax import row_archive
+    from md2pr_jax.layout import Layout
+
+    def workdir(name, timings):
+        layout = Layout.at(str(tmp_path / name))
+        folder = layout.shared.per_query_dir("baselines")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bm25.test.json").write_text(json.dumps({"metrics": {"ndcg@10": {"q1": 0.5}}}))
+        if timings is not None:
+            (tmp_path / name / "shared" / "timings.json").write_text(json.dumps(timings))
+        return layout
+
+    folder = str(tmp_path / "per_query")
+    row_archive.RowArchive(folder, "nf", workdir("nf", {"rerank": 773.0, "rounds/r01/score": 905.0}))
+    row_archive.RowArchive(folder, "nf", workdir("nf_title", {"rounds/r01/score": 3349.6}))
+    archive = row_archive.RowArchive(folder, "nf", workdir("nf_title_linked", None))
+    assert archive.usable
+    costs = json.loads((tmp_path / "per_query" / "costs.json").read_text())["nf"]
+    assert costs["shared"] == {"rerank": 773.0, "rounds/r01/score": 3349.6}
+    assert costs["shared_by_workdir"] == {"nf": {"rerank": 773.0, "rounds/r01/score": 905.0},
+                                          "nf_title": {"rounds/r01/score": 3349.6}}
