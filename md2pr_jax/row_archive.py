@@ -20,7 +20,8 @@ nothing and erases nothing.
 
 Reuse is guarded at two levels. The shared stages (round 0 and round 1's mining and teacher pass,
 which every row trains on) are recomputed each session; their per-query metrics (the zero-shot
-student that mines round 1, the teacher, its hybrid weight, BM25) must equal the archive's to 1e-6,
+student that mines round 1, the teacher, its hybrid weight, BM25) must equal the archive's to 1e-6 (MAP,
+which reads the whole ranking, to 1e-3),
 else the archive's rows came from other lists or another teacher: none is reused and nothing is
 written (a warning says why). A row and seed is then reused only under the same row config
 (`config` above: a digest of the row's whole config but its name).
@@ -57,17 +58,28 @@ def _shared_files(shared: Layout) -> dict[str, str]:
     return out
 
 
+# Metrics that read the whole ranking (MAP over its 1,000 passages) move by ~1e-5 when two passages
+# deep in it swap on a float tie between two runs of the same model (seen on NFCorpus's zero-shot
+# student: 6 of 323 test queries, at most 2.4e-5, every cutoff metric equal): checked at this looser
+# tolerance. A change of the model or its lists moves the cutoff metrics, checked at `tol`.
+WHOLE_RANKING_METRICS = ("map",)
+WHOLE_RANKING_TOL = 1e-3
+
+
 def _same_metrics(ours: dict[str, str], theirs: dict[str, str], tol: float = 1e-6) -> bool:
     """Whether two sets of per-query files ('<system>.<split>' -> path) name the same evaluations
-    with the same queries and every per-query metric within `tol`."""
+    with the same queries and every per-query metric within `tol` (the whole-ranking metrics
+    within WHOLE_RANKING_TOL)."""
     if set(ours) != set(theirs):
         return False
     for name in ours:
         a, b = per_query.read_metrics(ours[name])["metrics"], per_query.read_metrics(theirs[name])["metrics"]
         if set(a) != set(b) or any(set(a[m]) != set(b[m]) for m in a):
             return False
-        if any(abs(float(a[m][q]) - float(b[m][q])) > tol for m in a for q in a[m]):
-            return False
+        for m in a:
+            limit = WHOLE_RANKING_TOL if m in WHOLE_RANKING_METRICS else tol
+            if any(abs(float(a[m][q]) - float(b[m][q])) > limit for q in a[m]):
+                return False
     return True
 
 

@@ -409,8 +409,8 @@ def test_a_rerun_in_a_new_workdir_trains_only_the_rows_its_archive_lacks(tmp_pat
 
 
 def test_the_archive_check_tolerates_float_noise_and_nothing_else(tmp_path):
-    """Shared evaluations count as the same within 1e-6 per query and metric; a query more or
-    less, another metric or a larger difference does not."""
+    """Shared evaluations count as the same within 1e-6 per query and metric (MAP within 1e-3); a
+    query more or less, another metric or a larger difference does not."""
     from md2pr_jax.row_archive import _same_metrics
 
     def saved(name, metrics):
@@ -421,6 +421,10 @@ def test_the_archive_check_tolerates_float_noise_and_nothing_else(tmp_path):
     ours = saved("ours", {"ndcg@10": {"q1": 0.5, "q2": 0.25}})
     assert _same_metrics(ours, saved("noise", {"ndcg@10": {"q1": 0.5 + 1e-9, "q2": 0.25}}))
     assert not _same_metrics(ours, saved("moved", {"ndcg@10": {"q1": 0.5 + 1e-4, "q2": 0.25}}))
+    # MAP reads the whole 1,000-deep ranking, where a float tie between two runs swaps passages.
+    whole = saved("whole", {"ndcg@10": {"q1": 0.5, "q2": 0.25}, "map": {"q1": 0.3, "q2": 0.1}})
+    assert _same_metrics(whole, saved("tie", {"ndcg@10": {"q1": 0.5, "q2": 0.25}, "map": {"q1": 0.3 + 2.4e-5, "q2": 0.1}}))
+    assert not _same_metrics(whole, saved("map_moved", {"ndcg@10": {"q1": 0.5, "q2": 0.25}, "map": {"q1": 0.31, "q2": 0.1}}))
     assert not _same_metrics(ours, saved("fewer", {"ndcg@10": {"q1": 0.5}}))
     assert not _same_metrics(ours, saved("other", {"mrr@10": {"q1": 0.5, "q2": 0.25}}))
     assert not _same_metrics(ours, {"zero_shot.test": ours["bm25.test"]})
