@@ -71,7 +71,8 @@ run_dataset() {
 # PSEUDO_ROWS (default de_pseudo,de_sent_pseudo,md2pr_pseudo) run with every seed;
 # PSEUDO_EXTRA_ROWS (e.g. de_sent_word_pseudo) with the first seed only. Other pseudo rows:
 # de_sent_word_pseudo, md2pr_pfilter_pseudo (the filter on the pseudo-queries' lists only),
-# md2pr_rfilter_pseudo (its control: as many drops per list as the filter flags, at random).
+# md2pr_rfilter_pseudo (its control: as many drops per list as the filter flags, at random),
+# md2pr_pdropall_pseudo (every mined candidate of the pseudo-queries' lists dropped).
 PSEUDO_ROWS=${PSEUDO_ROWS:-de_pseudo,de_sent_pseudo,md2pr_pseudo}
 pseudo() {
   local name=$1 args reuse=() kind=${PSEUDO_KIND:-title}
@@ -128,6 +129,10 @@ compare_pseudo() {
   # it is which candidates the teacher flags, at the same count.
   pair rfilter_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_rfilter_pseudo
   pair md2pr_vs_rfilter_pseudo md2pr_rfilter_pseudo md2pr_pseudo
+  # What the teacher's choice adds on the pseudo lists: the filter there against dropping all
+  # of their mined candidates (md2pr_pdropall_pseudo).
+  pair pfilter_vs_pdropall_pseudo md2pr_pdropall_pseudo md2pr_pfilter_pseudo
+  pair pdropall_vs_de_sent_word_pseudo de_sent_word_pseudo md2pr_pdropall_pseudo
   echo "wrote ${wrote[*]} under $OUT/pseudo_$kind"
 }
 

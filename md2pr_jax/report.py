@@ -50,11 +50,21 @@ ROWS["md2pr_pfilter_pseudo"] = Row("MD2PR + pseudo-queries, filter on the pseudo
 # Its control: each list drops as many candidates as the filter flags there, drawn at random.
 ROWS["md2pr_rfilter_pseudo"] = Row("MD2PR + pseudo-queries, random drops (as many per list as the filter flags)",
                                    {**ROWS["md2pr_pseudo"].switches, "filter.random_flags": True})
+# How much the teacher's choice adds to the pseudo lists' filtering: every mined candidate of the
+# pseudo-queries' lists dropped (a static filter at tau 0 on them; the teacher flags ~95% of them
+# at tau 0.5 on NFCorpus), so that they train on their positive and the batch's other passages.
+ROWS["md2pr_pdropall_pseudo"] = Row("MD2PR + pseudo-queries, every mined candidate of the pseudo-queries' lists dropped",
+                                    {**ROWS["md2pr_pfilter_pseudo"].switches, "filter.dynamic": False, "filter.tau0": 0.0})
 STUDENT_ROWS = {name: row.switches for name, row in ROWS.items() if row.switches is not None}
 
 
 def row_name(config) -> str:
-    """The student row a config belongs to (md2pr for the full method)."""
+    """The student row a config belongs to (md2pr for the full method): the row with the most
+    switches that the config holds every one of, else one named from its losses and filter."""
+    held = [name for name, switches in STUDENT_ROWS.items()
+            if all(config[key.split(".")[0]][key.split(".")[1]] == value for key, value in switches.items())]
+    if held:
+        return max(held, key=lambda name: len(STUDENT_ROWS[name]))
     lc, fc = config.loss, config.filter
     if fc.enabled and (fc.pseudo_only or fc.random_flags):
         name = ("md2pr" if fc.dynamic else "static") + ("_pfilter" if fc.pseudo_only else "") \

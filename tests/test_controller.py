@@ -188,7 +188,7 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # Kind 'title': each positive is its document's body, a passage after the corpus rows that no
     # mining returns, and the source document is no negative; the hybrid labels score it too.
     sixth = tmp_path / "sixth"
-    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo,md2pr_pfilter_pseudo,md2pr_rfilter_pseudo",
+    out = subprocess.run([*base, "--workdir", str(sixth), "--rows", "md2pr,de_pseudo,md2pr_pseudo,md2pr_pfilter_pseudo,md2pr_rfilter_pseudo,md2pr_pdropall_pseudo",
                           "--reuse_from",
                           str(run), "--config.data.pseudo_queries=12", "--config.data.pseudo_kind=title",
                           "--config.filter.keep_flagged=True", "--config.filter.tau_source=pseudo",
@@ -212,7 +212,8 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     # The bodies are 12 new rows after every row mining can return, one per pseudo-query.
     assert sorted(bodies) == list(range(min(bodies), min(bodies) + 12)) and min(bodies) > cand["cand"].max()
     filt = {r: json.loads((sixth / "rows" / f"{r}_s0" / "rounds" / "r01" / "filter" / "result.json").read_text())
-            for r in ("md2pr", "de_pseudo", "md2pr_pseudo", "md2pr_pfilter_pseudo", "md2pr_rfilter_pseudo")}
+            for r in ("md2pr", "de_pseudo", "md2pr_pseudo", "md2pr_pfilter_pseudo", "md2pr_rfilter_pseudo",
+                      "md2pr_pdropall_pseudo")}
     assert filt["md2pr"]["pseudo"]["examples"] == 0 and filt["md2pr_pseudo"]["pseudo"]["examples"] == 12
     assert filt["md2pr_pseudo"]["examples"] == filt["md2pr"]["examples"] + 12 == filt["de_pseudo"]["examples"]
     assert filt["md2pr_pseudo"]["tau_source"] == "pseudo" and filt["md2pr_pseudo"]["positives_for_tau"] == 12
@@ -225,6 +226,15 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     assert rand["random_flags"] and rand["flagged"] == filt["md2pr_pseudo"]["flagged"]
     assert rand["pseudo"]["flagged"] == filt["md2pr_pseudo"]["pseudo"]["flagged"]
     assert (sixth / "rows" / "md2pr_pseudo_s0" / "rounds" / "r01" / "filter" / "examples" / "kd_mask.npy").exists()
+    # Every mined candidate of the pseudo lists dropped, none of the labelled lists': the pseudo
+    # lists hold their positive alone, the labelled ones as many negatives as without a filter.
+    drop = filt["md2pr_pdropall_pseudo"]
+    pseudo_rows = np.isin(cand["q_rows"], cand["q_rows"][-12:])
+    assert drop["flagged"] == drop["pseudo"]["flagged"] == int((cand["cand"][pseudo_rows] >= 0).sum()) > 0
+    lists = sixth / "rows" / "md2pr_pdropall_pseudo_s0" / "rounds" / "r01" / "filter" / "examples"
+    query, mask = np.load(lists / "query_idx.npy"), np.load(lists / "cand_mask.npy")
+    on_pseudo = np.isin(query, cand["q_rows"][-12:])
+    assert on_pseudo.sum() == 12 and (mask[on_pseudo, 1:] == 0).all() and mask[~on_pseudo, 1:].sum() > 0
 
     # An ablation workdir as the source: a 2-round ablation extends the 1-round one, running round 2 only.
     fourth = tmp_path / "fourth"
