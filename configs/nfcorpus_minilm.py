@@ -24,7 +24,10 @@ on dev) reranking BM25's top 20 0.3297, rows over seeds 0-2 de 0.1033, de_sent 0
 --config.data.pseudo_queries=2000`, `bash launch/distill_experiment.sh pseudo nfcorpus`: teacher
 pass over 33,000 pairs 56 min, ~17-18 min per row and seed, 187 steps), over seeds 0-2:
 de_pseudo 0.1392, de_sent_pseudo 0.1519, de_sent_word_pseudo 0.1472, md2pr_pseudo 0.1673 test
-nDCG@10 (the filter, not the word level, gives md2pr_pseudo its lead). The full config (300 teacher steps, 2 rounds, all 2,590
+nDCG@10 (the filter, not the word level, gives md2pr_pseudo its lead; and the filter's gain is
+that of dropping the pseudo-queries' mined candidates: md2pr_pfilter_pseudo 0.1667, which drops the
+teacher's 95% of them, and md2pr_pdropall_pseudo 0.1695, which drops all of them, ~25-34 min per row
+and seed on a slower day). The full config (300 teacher steps, 2 rounds, all 2,590
 queries) has not been run.
 Known limitation: with many relevant documents per query, another query's passage in the
 batch may be relevant to this one; the contrastive loss still counts it as a negative.
