@@ -227,7 +227,7 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     assert rand["pseudo"]["flagged"] == filt["md2pr_pseudo"]["pseudo"]["flagged"]
     assert (sixth / "rows" / "md2pr_pseudo_s0" / "rounds" / "r01" / "filter" / "examples" / "kd_mask.npy").exists()
     # Every mined candidate of the pseudo lists dropped, none of the labelled lists': the pseudo
-    # lists hold their positive alone, the labelled ones as many negatives as without a filter.
+    # lists' contrastive masks hold their positive alone, the labelled ones keep negatives.
     drop = filt["md2pr_pdropall_pseudo"]
     pseudo_rows = np.isin(cand["q_rows"], cand["q_rows"][-12:])
     assert drop["flagged"] == drop["pseudo"]["flagged"] == int((cand["cand"][pseudo_rows] >= 0).sum()) > 0
