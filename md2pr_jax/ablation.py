@@ -379,5 +379,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from md2pr_jax.allocator import reexec_under_preferred_allocator
+
+    reexec_under_preferred_allocator()
     _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM, _UPTO, _ARCHIVE = _define_flags()
     app.run(main)

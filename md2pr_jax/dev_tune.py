@@ -249,5 +249,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from md2pr_jax.allocator import reexec_under_preferred_allocator
+
+    reexec_under_preferred_allocator()
     _CONFIG, _SOURCE, _WORKDIR, _ROWS, _GRID, _SEED, _METRIC, _FINAL, _FINAL_SEEDS, _OUT = _define_flags()
     app.run(main)

@@ -99,4 +99,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    from md2pr_jax.allocator import reexec_under_preferred_allocator
+
+    reexec_under_preferred_allocator()
     run()
