@@ -22,18 +22,21 @@ skipped (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4 libjemalloc2`).
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from md2pr_jax import allocator
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-# allocator -> the library's name as the dynamic loader looks it up (a soname, no path).
-LIBRARIES = {"glibc": None, "glibc_tuned": None, "tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}
+# The settings compared: glibc's malloc as is and tuned, and the preloadable allocators that
+# md2pr_jax/allocator.py knows.
+SETTINGS = ("glibc", "glibc_tuned", *allocator.LIBRARIES)
 # glibc_tuned: glibc's malloc with its mmap threshold at the largest value it accepts (32 MiB) and
 # no trimming of the heap's top, through its environment tunables: nothing to install.
 ENV = {"glibc_tuned": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
@@ -43,10 +46,7 @@ ENV = {"glibc_tuned": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THR
 def preload_for(name: str) -> str | None:
     """The soname to put in LD_PRELOAD for allocator `name` ('' for glibc), or None when its
     library is not installed."""
-    lib = LIBRARIES[name]
-    if lib is None:
-        return ""
-    return ctypes.util.find_library(lib)
+    return "" if name.startswith("glibc") else allocator.find(name)
 
 
 def run_once(preload: str, extra_env: dict, config: str, steps: int) -> dict:
@@ -68,8 +68,6 @@ def run_once(preload: str, extra_env: dict, config: str, steps: int) -> dict:
 
 
 def run(preload: str, extra_env: dict, config: str, steps: int) -> dict:
-    import resource
-
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     rec = run_once(preload, extra_env, config, steps)
@@ -103,13 +101,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "allocator_cpu.json"))
     args = ap.parse_args()
     names = [n for n in args.allocators.split(",") if n]
-    unknown = [n for n in names if n not in LIBRARIES]
+    unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        raise SystemExit(f"allocator benchmark: unknown allocator(s) {unknown}; choose from {sorted(LIBRARIES)}")
-    preloads, missing = {}, []
-    for n in names:
-        p = preload_for(n)
-        (missing.append(n) if p is None else preloads.__setitem__(n, p))
+        raise SystemExit(f"allocator benchmark: unknown allocator(s) {unknown}; choose from {list(SETTINGS)}")
+    found = {n: preload_for(n) for n in names}
+    preloads = {n: p for n, p in found.items() if p is not None}
+    missing = [n for n, p in found.items() if p is None]
     runs: dict[str, list[dict]] = {n: [] for n in preloads}
     for rep in range(args.reps):
         for n, p in preloads.items():
