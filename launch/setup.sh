@@ -97,9 +97,28 @@ if [[ ! -x .venv/bin/python ]]; then
     uv_venv "$DEFAULT_UV_PYTHON"
   fi
 fi
-# The tests lint the launch scripts with shellcheck; installing it is best effort (that test skips without it).
-if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "setup.sh: shellcheck not installed (its test will skip)" >&2
+# System packages, best effort, with apt-get: shellcheck (the tests lint the launch scripts; that
+# test skips without it) and tcmalloc (the entry points re-exec under it where it is installed:
+# md2pr_jax/allocator.py; without it they print a hint and run under glibc malloc). As root (CI,
+# containers); otherwise only with MD2PR_APT_SUDO=1 (tpu_pod.sh setup sets it: TPU VMs give
+# passwordless sudo), and never with a password prompt. MD2PR_SETUP_LIBDIR: where tcmalloc is
+# looked for (default /usr/lib and its multiarch folders).
+apt_packages=()
+command -v shellcheck >/dev/null 2>&1 || apt_packages+=(shellcheck)
+libdir="${MD2PR_SETUP_LIBDIR:-/usr/lib}"
+compgen -G "$libdir/libtcmalloc_minimal.so.4" >/dev/null || compgen -G "$libdir/*/libtcmalloc_minimal.so.4" >/dev/null ||
+  apt_packages+=(libtcmalloc-minimal4)
+if [[ ${#apt_packages[@]} -gt 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  apt=()
+  if [[ "$(id -u)" == 0 ]]; then
+    apt=(apt-get)
+  elif [[ "${MD2PR_APT_SUDO:-0}" == 1 ]] && sudo -n true 2>/dev/null; then
+    apt=(sudo -n apt-get)
+  fi
+  if [[ ${#apt[@]} -gt 0 ]]; then
+    ("${apt[@]}" update -qq && "${apt[@]}" install -y -qq "${apt_packages[@]}") >/dev/null 2>&1 ||
+      echo "setup.sh: apt-get could not install ${apt_packages[*]} (shellcheck's test will skip; the entry points run under glibc malloc)" >&2
+  fi
 fi
 stamp=".venv/.md2pr_installed_${extras//,/_}"
 if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then

@@ -288,7 +288,8 @@ do_setup() {
   local packages install
   packages="$(quote_args .venv/bin/python launch/pod_packages.py --install --config "$config")${extra:+ $extra}"
   # MD2PR_UV_PYTHON: the TPU images' python3 is 3.10; uv installs the same CPython on every image.
-  install="tar xzf ../md2pr_jax.tar.gz && MD2PR_UV_PYTHON=$python_version bash launch/setup.sh $(quote_args "$extras") && $packages"
+  # MD2PR_APT_SUDO=1: setup.sh installs tcmalloc with apt-get through the workers' passwordless sudo.
+  install="tar xzf ../md2pr_jax.tar.gz && MD2PR_APT_SUDO=1 MD2PR_UV_PYTHON=$python_version bash launch/setup.sh $(quote_args "$extras") && $packages"
   # A running job keeps the files it was started from.
   ssh_all all "mkdir -p md2pr_jax && cd md2pr_jax && if [ -f launch/pod_job.sh ] && bash launch/pod_job.sh alive; then echo \"\$(hostname): a job is running here; setup leaves this worker as it is (stop it first)\"; else $install; fi"
 }

@@ -107,7 +107,7 @@ def test_dry_run_prints_every_command():
     job = (f"cd md2pr_jax && bash launch/pod_job.sh start {env} "
            ".venv/bin/python -m md2pr_jax.main --config configs/scifact_minilm.py --workdir gs://bucket/md2pr/run1 "
            "--mode pipeline --distributed --config.rounds.num_rounds=2 --config.train.lr=2e-5")
-    install = ("tar xzf ../md2pr_jax.tar.gz && MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu && "
+    install = ("tar xzf ../md2pr_jax.tar.gz && MD2PR_APT_SUDO=1 MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu && "
                ".venv/bin/python launch/pod_packages.py --install --config configs/scifact_minilm.py "
                "--config.rounds.num_rounds=2 --config.train.lr=2e-5")
     overrides = ["--config.rounds.num_rounds=2", "--config.train.lr=2e-5"]
@@ -277,10 +277,11 @@ def test_setup_installs_the_tpu_extra_and_what_the_job_reads():
     CUDA build on 3.12+), then pod_packages.py installs, without dependencies, what the job's
     config reads."""
     steps = _setup_steps("--config", "configs/msmarco_bert_base.py", "--extra", "--config.train.lr=1e-5 --topology v5e:4x4")
-    assert steps == ["tar xzf ../md2pr_jax.tar.gz", "MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu",
+    assert steps == ["tar xzf ../md2pr_jax.tar.gz", "MD2PR_APT_SUDO=1 MD2PR_UV_PYTHON=3.11 bash launch/setup.sh tpu",
                      ".venv/bin/python launch/pod_packages.py --install --config configs/msmarco_bert_base.py "
                      "--config.train.lr=1e-5 --topology v5e:4x4"]
-    assert _setup_steps("--extras", "tpu,bench", "--python", "3.13")[1] == "MD2PR_UV_PYTHON=3.13 bash launch/setup.sh tpu,bench"
+    assert _setup_steps("--extras", "tpu,bench", "--python", "3.13")[1] == ("MD2PR_APT_SUDO=1 MD2PR_UV_PYTHON=3.13 "
+                                                                          "bash launch/setup.sh tpu,bench")
     proc, _ = _dry_run("--zone", "z", "--name", "n", "--python", "3.10", "setup")
     assert proc.returncode == 2 and "supports Python 3.11 to 3.13" in proc.stdout, proc.stdout
 
@@ -380,15 +381,22 @@ def _setup_sandbox(tmp_path, python3="3.10", uv_on_path=True, venv=None):
     scripts = {"fake_python": FAKE_PYTHON, "fake_uv": FAKE_UV, "make_venv": MAKE_VENV,
                "python3": '#!/usr/bin/env bash\nFAKE_NAME=python3 exec fake_python "$@"\n',
                "python3.12": '#!/usr/bin/env bash\nFAKE_NAME=python3.12 FAKE_VERSION=3.12 exec fake_python "$@"\n',
-               "shellcheck": "#!/usr/bin/env bash\n"}  # so setup.sh never apt-installs it here
+               "shellcheck": "#!/usr/bin/env bash\n",  # so setup.sh never apt-installs it here
+               # Not root (FAKE_UID), and apt-get and sudo only log (apt-get fails with FAKE_APT=fail;
+               # sudo -n succeeds with FAKE_SUDO=ok): setup.sh never touches the real system here.
+               "id": '#!/usr/bin/env bash\necho "${FAKE_UID:-1000}"\n',
+               "apt-get": '#!/usr/bin/env bash\necho "apt-get $*" >>"$FAKE_APT_LOG"\n[[ "${FAKE_APT:-}" != fail ]]\n',
+               "sudo": '#!/usr/bin/env bash\necho "sudo $*" >>"$FAKE_APT_LOG"\n[[ "${FAKE_SUDO:-}" == ok ]] || exit 1\n'
+                       'shift; [[ "$1" == true ]] || exec "$@"\n'}
     if uv_on_path:
         scripts["uv"] = '#!/usr/bin/env bash\nexec fake_uv "$@"\n'
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_LOG": str(log), "FAKE_VERSION": python3}
-    for k in ("PYTHON", "UV", "MD2PR_UV_PYTHON"):
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_LOG": str(log), "FAKE_VERSION": python3,
+           "FAKE_APT_LOG": str(tmp_path / "apt.log"), "MD2PR_SETUP_LIBDIR": str(tmp_path / "lib")}
+    for k in ("PYTHON", "UV", "MD2PR_UV_PYTHON", "MD2PR_APT_SUDO"):
         env[k] = ""
     if venv:
         subprocess.run([bin_dir / "make_venv", repo / ".venv"], env={**os.environ, **env, "FAKE_VERSION": venv}, check=True)
@@ -449,6 +457,36 @@ def test_setup_stops_at_once_when_uv_cannot_be_had(tmp_path):
     assert "PYTHON=python3.12 bash launch/setup.sh tpu" in proc.stdout and "install uv" in proc.stdout
     assert _log(log)[-1] == "python3 -m pip install --user --quiet uv==0.13.8"
     assert not (repo / ".venv").exists()
+
+
+@pytest.mark.parametrize("uid, more, expected", [
+    ("0", {}, ["apt-get update -qq", "apt-get install -y -qq libtcmalloc-minimal4"]),  # root: CI, containers
+    ("1000", {}, []),  # a user's machine: never sudo unasked
+    ("1000", {"MD2PR_APT_SUDO": "1"}, ["sudo -n true"]),  # asked, but sudo wants a password: nothing else
+    ("1000", {"MD2PR_APT_SUDO": "1", "FAKE_SUDO": "ok"},  # a TPU worker (tpu_pod.sh setup)
+     ["sudo -n true", "sudo -n apt-get update -qq", "apt-get update -qq",
+      "sudo -n apt-get install -y -qq libtcmalloc-minimal4", "apt-get install -y -qq libtcmalloc-minimal4"]),
+])
+def test_setup_installs_tcmalloc_as_root_or_through_sudo_when_asked(tmp_path, uid, more, expected):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.12")
+    proc = _setup(repo, env, FAKE_UID=uid, **more)
+    _check(proc, "setup.sh")
+    assert _log(tmp_path / "apt.log") == expected
+    assert _log(log) == [f"python3 {VERSION_PROBE}", "python3 -m venv .venv", *INSTALL[1:]]
+
+
+def test_setup_leaves_an_installed_tcmalloc_and_goes_on_when_apt_fails(tmp_path):
+    repo, env, log = _setup_sandbox(tmp_path, python3="3.12")
+    (tmp_path / "lib" / "x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "lib" / "x86_64-linux-gnu" / "libtcmalloc_minimal.so.4").write_text("")
+    _check(_setup(repo, env, FAKE_UID="0"), "setup.sh")
+    assert _log(tmp_path / "apt.log") == []
+    (tmp_path / "lib" / "x86_64-linux-gnu" / "libtcmalloc_minimal.so.4").unlink()
+    proc = _setup(repo, env, FAKE_UID="0", FAKE_APT="fail")
+    _check(proc, "setup.sh with apt-get failing")
+    assert "apt-get could not install libtcmalloc-minimal4" in proc.stdout
+    assert _log(tmp_path / "apt.log") == ["apt-get update -qq"]
+    assert (repo / ".venv" / ".md2pr_installed_tpu").exists()
 
 
 def test_setup_uses_a_supported_interpreter_as_before(tmp_path):
