@@ -45,8 +45,12 @@ def link_shared(shared: Layout, row: Layout) -> None:
         _link(shared, row, stage)
 
 
+# Keys that decide only when a run saves its state and logs, never what it computes (training
+# resumed from a checkpoint ends at the same params: tests/test_checkpoint.py), with the value
+# every archived row ran under: a finished run is reused, and a kept row found, at any value.
+BOOKKEEPING_KEYS = {"train.checkpoint_every": 200, "train.keep_checkpoints": 2, "train.log_every": 10}
 # Keys that may differ between a finished run and the ablation reusing it.
-REUSE_FREE_KEYS = ("name", "rounds.num_rounds")
+REUSE_FREE_KEYS = ("name", "rounds.num_rounds", *BOOKKEEPING_KEYS)
 # Keys only a row's own stages read (filter, training, evaluation, later rounds): where they
 # differ, the shared stages are still linked, but no round of a row.
 ROW_KEYS = ("train", "loss.alpha", "loss.beta", "loss.gamma", "loss.kd_temperature", "loss.word_topk",
@@ -244,11 +248,15 @@ DIGEST_LATER_KEYS = {"filter.pseudo_only": False, "filter.random_flags": False}
 
 def row_digest(row_cfg) -> str:
     """What a kept row was trained under (`row_archive`): its whole config but its name, where
-    the data lies on this machine, and DIGEST_LATER_KEYS at their old value."""
+    the data lies on this machine, BOOKKEEPING_KEYS (at the value the archived rows ran under)
+    and DIGEST_LATER_KEYS at their old value."""
     d = json.loads(row_cfg.to_json_best_effort())
     d.pop("name", None)
     for key in ("dir", "cache_dir"):
         d.get("data", {}).pop(key, None)
+    for key, archived in BOOKKEEPING_KEYS.items():
+        section, name = key.split(".")
+        d.setdefault(section, {})[name] = archived
     for key, old in DIGEST_LATER_KEYS.items():
         section, name = key.split(".")
         if d.get(section, {}).get(name, old) == old:

@@ -158,7 +158,7 @@ def base_config() -> ConfigDict:
     c.train.grad_accum = 1
     c.train.epochs = 1  # per student round
     c.train.max_steps = 0  # >0 caps the steps of a round
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 25  # steps; also at a round's last step (a stopped row resumes from here)
     c.train.keep_checkpoints = 2
     c.train.log_every = 10
     c.train.pseudo = False  # train on the pseudo-queries' lists too (needs data.pseudo_queries > 0)

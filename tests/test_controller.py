@@ -79,18 +79,37 @@ def test_a_key_added_later_keeps_the_archived_rows_digests():
     """ablation.DIGEST_LATER_KEYS: at the value every archived row ran under, the key leaves the
     digest as it was before the key existed; any other value changes it."""
     from md2pr_jax import row_archive
-    from md2pr_jax.ablation import DIGEST_LATER_KEYS, row_config, row_digest
+    from md2pr_jax.ablation import BOOKKEEPING_KEYS, DIGEST_LATER_KEYS, row_config, row_digest
 
     cfg = row_config(base_config(), "md2pr_pseudo", 0)
     before = json.loads(cfg.to_json_best_effort())
     before.pop("name")
     for key in ("dir", "cache_dir"):
         before["data"].pop(key, None)
+    for key, archived in BOOKKEEPING_KEYS.items():  # the intervals the archived rows ran at
+        section, name = key.split(".")
+        before[section][name] = archived
     for key in DIGEST_LATER_KEYS:
         section, name = key.split(".")
         del before[section][name]
     assert row_digest(cfg) == row_archive.config_digest(before)
     assert row_digest(row_config(base_config(), "md2pr_pfilter_pseudo", 0)) != row_digest(cfg)
+
+
+def test_checkpoint_and_log_intervals_change_neither_the_digest_nor_reuse():
+    """ablation.BOOKKEEPING_KEYS: a row checkpointed or logged at other intervals is the same row
+    for the archive and for --reuse_from; a key that changes training is not."""
+    from md2pr_jax.ablation import _comparable, _differences, row_config, row_digest
+
+    cfg = row_config(base_config(), "md2pr", 0)
+    other = row_config(base_config(), "md2pr", 0)
+    other.train.checkpoint_every, other.train.keep_checkpoints, other.train.log_every = 7, 5, 1
+    assert row_digest(other) == row_digest(cfg)
+    a, b = (json.loads(c.to_json_best_effort()) for c in (cfg, other))
+    assert _differences(_comparable(a), _comparable(b)) == []
+    other.train.lr = cfg.train.lr * 2
+    assert row_digest(other) != row_digest(cfg)
+    assert _differences(_comparable(a), _comparable(json.loads(other.to_json_best_effort()))) == ["train.lr"]
 
 
 @pytest.mark.data
@@ -159,8 +178,9 @@ def test_ablation_reuses_a_finished_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = first / "rows" / "md2pr_s0"  # a finished single-config workdir, as --mode pipeline leaves
     second = tmp_path / "second"
-    out = subprocess.run([*base, "--workdir", str(second), "--rows", "md2pr", "--reuse_from", str(run)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([*base, "--workdir", str(second), "--rows", "md2pr", "--reuse_from", str(run),
+                          "--config.train.checkpoint_every=1"],  # bookkeeping only: everything still linked
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.path.islink(second / "shared" / "teacher") and os.path.islink(second / "shared" / "rounds" / "r01" / "score")
     assert os.path.islink(second / "rows" / "md2pr_s0" / "rounds" / "r01" / "train")
