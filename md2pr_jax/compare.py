@@ -5,7 +5,8 @@
 
 A row is `NAME=SPEC`, SPEC one of `ROW` (that row in every --dataset workdir), `WORKDIR:ROW` or
 `LABEL@WORKDIR:ROW` (one workdir, its dataset label read from its config unless given); a NAME
-given again adds another dataset's runs to the same row. `ROW` names the runs
+given again adds another dataset's runs to the same row (--baseline too: `--baseline
+de=scifact@A:de --baseline de=nfcorpus@B:de`). `ROW` names the runs
 WORKDIR/rows/ROW_s<seed>/ of an ablation (any number of seeds).
 
 WORKDIR may also be an archive: a folder of per-query files named
@@ -503,8 +504,9 @@ def report_markdown(result: dict) -> str:
 def _define_flags():
     """The command line's flags, defined only when this module runs as a program (the ablation
     imports it and has flags of its own, --archive among them)."""
-    _BASELINE = flags.DEFINE_string("baseline", None, "NAME=SPEC of the baseline row: SPEC is WORKDIR:ROW, "
-                                    "LABEL@WORKDIR:ROW, or ROW (in every --dataset workdir).")
+    _BASELINE = flags.DEFINE_multi_string("baseline", [], "NAME=SPEC of the baseline row: SPEC is WORKDIR:ROW, "
+                                          "LABEL@WORKDIR:ROW, or ROW (in every --dataset workdir); repeatable "
+                                          "with the same NAME, one dataset each, like --row.")
     _ROW = flags.DEFINE_multi_string("row", [], "NAME=SPEC of a row to compare (repeatable; a NAME again adds a dataset).")
     _DATASET = flags.DEFINE_multi_string("dataset", [], "LABEL=WORKDIR: an ablation workdir and its dataset's label "
                                          "(repeatable), for NAME=ROW specs.")
@@ -527,7 +529,11 @@ def main(argv) -> None:
         sys.exit(f"--dataset expects LABEL=WORKDIR, got {bad}")
     datasets = dict(d.split("=", 1) for d in _DATASET.value)
     try:
-        baseline, *rows = merge_specs([parse_spec(s, datasets) for s in [_BASELINE.value, *_ROW.value]])
+        base_specs = [parse_spec(s, datasets) for s in _BASELINE.value]
+        names = sorted({name for name, _ in base_specs})
+        if len(names) > 1:
+            raise ValueError(f"--baseline names {names}: one baseline row, given once per dataset under one NAME")
+        baseline, *rows = merge_specs([*base_specs, *(parse_spec(s, datasets) for s in _ROW.value)])
         if not rows:
             raise ValueError(f"every --row is named {baseline[0]!r} like the baseline; name the rows apart")
         result = run_comparison(baseline, rows, _ROUND.value, _PERMUTATIONS.value, _SEED.value)

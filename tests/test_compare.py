@@ -247,3 +247,25 @@ def test_an_archive_reruns_the_comparison_after_the_runs_are_gone(tmp_path):
     assert compare.parse_spec(f"x={archive}:good") == ("x", [compare.Part("scifact", str(archive), "good")])
     with pytest.raises(FileNotFoundError, match="no scifact.md2pr_s<seed>.SPLIT.json files"):
         compare.row_runs(str(archive), "md2pr", label="scifact")
+
+
+def test_a_baseline_given_once_per_dataset_pools_like_dataset_specs(tmp_path):
+    """--baseline repeated under one NAME (one workdir per dataset) is the same comparison as
+    --dataset specs; two baseline names are refused (a later --baseline never silently wins)."""
+    work = _two_datasets(tmp_path, n=(40, 50), seeds=(0, 1))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "md2pr_jax.compare", *args, "--permutations", "500"],  # noqa: E731
+                                       cwd=ROOT, capture_output=True, text=True)
+    out = run("--dataset", f"scifact={work['scifact']}", "--dataset", f"nfcorpus={work['nfcorpus']}",
+              "--baseline", "de=de", "--row", "good=good", "--out", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr
+    out = run("--baseline", f"de=scifact@{work['scifact']}:de", "--baseline", f"de=nfcorpus@{work['nfcorpus']}:de",
+              "--row", f"good=scifact@{work['scifact']}:good", "--row", f"good=nfcorpus@{work['nfcorpus']}:good",
+              "--out", str(tmp_path / "b"))
+    assert out.returncode == 0, out.stderr
+    a, b = (json.loads((tmp_path / d / "compare.json").read_text()) for d in "ab")
+    assert [p["dataset"] for p in b["specs"]["de"]] == ["scifact", "nfcorpus"]
+    assert b["query_level"]["tests"]["test"]["ndcg@10"]["pooled"]["good"]["n"] == 90
+    assert a["query_level"]["tests"] == b["query_level"]["tests"]
+    out = run("--baseline", f"de=scifact@{work['scifact']}:de", "--baseline", f"x=nfcorpus@{work['nfcorpus']}:de",
+              "--row", f"good=scifact@{work['scifact']}:good")
+    assert out.returncode != 0 and "one baseline row" in out.stderr
