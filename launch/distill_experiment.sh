@@ -16,6 +16,8 @@
 # comparisons of those rows:
 #   bash launch/distill_experiment.sh tune scifact      # (or nfcorpus) after `scifact` finished
 #   bash launch/distill_experiment.sh compare-tuned
+# The kd temperature and β on dev, then the rows at their choice (below, tune_kd):
+#   bash launch/distill_experiment.sh tune-kd scifact
 # Pseudo-queries (title as query, body as positive) beside the labelled ones, rows
 # de_pseudo, de_sent_pseudo, md2pr_pseudo (reusing the finished dataset's round 0):
 #   bash launch/distill_experiment.sh pseudo nfcorpus
@@ -152,6 +154,47 @@ tune() {
     --final_seeds "$SEEDS" --results_dir "$OUT/tune_$name" >>"$RUNS/${name}_tune.log" 2>&1
 }
 
+# The kd temperature and β chosen on dev, then run on test (dev only until the choice): over
+# the dataset's shared stages (built first, `--upto filter`, where RUNS/NAME has no round-1
+# teacher pass), the kd temperature grid for de_sent and md2pr (KD_GRID, default 1.0,2.0,4.0)
+# in RUNS/NAME_tune_kd; then β for md2pr at its chosen temperature (BETA_GRID, default
+# 0.01,0.1,1.0) in RUNS/NAME_tune_beta, whose point at the configs' β = 0.1 is the temperature
+# grid's point, linked; then each row at its chosen point with every seed, test and dev, in
+# RUNS/NAME_tuned/ROW on the dataset's stages (--reuse_from RUNS/NAME). tune.json and TUNE.md
+# of each grid go to OUT/tune_NAME_kd and OUT/tune_NAME_beta. `de` has no kd knobs: the
+# comparisons read its endpoint rows.
+tune_kd() {
+  local name=$1 args log t_sent t_md2pr beta
+  [[ -n $name && -n $(dataset_args "$name") ]] || { echo "usage: $0 tune-kd scifact|nfcorpus" >&2; exit 2; }
+  read -r -a args <<<"$(dataset_args "$name")"
+  args+=("${CUTS[@]}")
+  log=$RUNS/${name}_tune_kd.log
+  mkdir -p "$RUNS"
+  chosen() {  # chosen GRID_WORKDIR ROW KEY: the value dev chose
+    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/tune.json"))["chosen"][sys.argv[2]]["settings"][sys.argv[3]])' "$@"
+  }
+  echo "== tune-kd $name: $RUNS/${name}_tune_kd, $RUNS/${name}_tune_beta, $RUNS/${name}_tuned (log $log)"
+  if [[ ! -f "$RUNS/$name/shared/rounds/r01/score/DONE" ]]; then
+    "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --workdir "$RUNS/$name" --seeds 0 --rows $ROWS \
+      --multi_seed_rows $ROWS --upto filter >>"$log" 2>&1
+  fi
+  "$PYTHON" -m md2pr_jax.dev_tune --config "${args[@]}" --source "$RUNS/$name" --workdir "$RUNS/${name}_tune_kd" \
+    --rows de_sent,md2pr --grid "loss.kd_temperature=${KD_GRID:-1.0,2.0,4.0}" --results_dir "$OUT/tune_${name}_kd" >>"$log" 2>&1
+  t_sent=$(chosen "$RUNS/${name}_tune_kd" de_sent loss.kd_temperature)
+  t_md2pr=$(chosen "$RUNS/${name}_tune_kd" md2pr loss.kd_temperature)
+  "$PYTHON" -m md2pr_jax.dev_tune --config "${args[@]}" --config.loss.kd_temperature="$t_md2pr" \
+    --source "$RUNS/${name}_tune_kd/loss.kd_temperature=$t_md2pr" --workdir "$RUNS/${name}_tune_beta" --rows md2pr \
+    --grid "loss.beta=${BETA_GRID:-0.01,0.1,1.0}" --results_dir "$OUT/tune_${name}_beta" >>"$log" 2>&1
+  beta=$(chosen "$RUNS/${name}_tune_beta" md2pr loss.beta)
+  echo "chosen on dev: de_sent T=$t_sent; md2pr T=$t_md2pr beta=$beta" | tee -a "$log"
+  "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --config.loss.kd_temperature="$t_sent" \
+    --workdir "$RUNS/${name}_tuned/de_sent" --seeds "$SEEDS" --rows de_sent --multi_seed_rows de_sent \
+    --reuse_from "$RUNS/$name" >>"$log" 2>&1
+  "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --config.loss.kd_temperature="$t_md2pr" --config.loss.beta="$beta" \
+    --workdir "$RUNS/${name}_tuned/md2pr" --seeds "$SEEDS" --rows md2pr --multi_seed_rows md2pr \
+    --reuse_from "$RUNS/$name" >>"$log" 2>&1
+}
+
 # Each dataset from its finished ablation under RUNS, else from the per-query archive that an
 # earlier comparison committed (OUT/per_query: the runs of an earlier session or machine); the
 # files read are archived there again, so the comparison reruns from the repository alone.
@@ -204,8 +247,9 @@ case "${1:-all}" in
   compare) compare ;;
   all) run_dataset scifact; run_dataset nfcorpus; compare ;;
   tune) tune "${2:-}" ;;
+  tune-kd) tune_kd "${2:-}" ;;
   pseudo) pseudo "${2:-}" ;;
   compare-pseudo) compare_pseudo ;;
   compare-tuned) compare_tuned ;;
-  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus|compare-pseudo]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|tune-kd scifact|tune-kd nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus|compare-pseudo]" >&2; exit 2 ;;
 esac

@@ -685,6 +685,7 @@ def test_shellcheck():
 
 # ---------------------------------------------------------------- end to end (real data)
 
+@pytest.mark.xdist_group("launch_reference")  # one worker: the module reference run once
 @pytest.mark.data
 def test_multihost_local_matches_single_process(reference, tmp_path):
     workdir = str(tmp_path / "multi")
@@ -698,6 +699,7 @@ def test_multihost_local_matches_single_process(reference, tmp_path):
     _assert_same_metrics(_results(workdir), reference)
 
 
+@pytest.mark.xdist_group("launch_reference")  # one worker: the module reference run once
 @pytest.mark.data
 def test_tpu_pod_with_fake_gcloud_matches_single_process(reference, tmp_path):
     """tpu_pod.sh create + run + wait through the fake gcloud: 2 "workers", each in its own home
@@ -755,11 +757,85 @@ def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp
     assert not (tmp_path / "out").exists()
     # The dev tuning needs a dataset name and that dataset's finished round-1 teacher pass.
     for args, code, says in [(["tune"], 2, "usage:"), (["tune", "msmarco"], 2, "usage:"),
+                             (["tune-kd"], 2, "usage:"), (["tune-kd", "msmarco"], 2, "usage:"),
                              (["tune", "scifact"], 1, "no finished round-1 teacher pass"),
                              (["compare-tuned"], 1, "no tuned rows under")]:
         proc = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == code and says in proc.stderr, (args, proc.returncode, proc.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+FAKE_PYTHON = """#!{python}
+# Stands in for the interpreter of launch/distill_experiment.sh: logs each call's arguments,
+# runs `-c` snippets for real, and leaves what a finished stage leaves (a dev grid's tune.json
+# with the choice in CHOSEN, the shared stages' DONE file).
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+if argv[0] == "-c":
+    sys.argv = ["-c", *argv[2:]]
+    exec(argv[1])
+    sys.exit()
+workdir = argv[argv.index("--workdir") + 1]
+if argv[1] == "md2pr_jax.dev_tune":
+    key = argv[argv.index("--grid") + 1].split("=")[0]
+    chosen = {{row: {{"settings": {{key: value}}}} for row, value in json.loads(os.environ["CHOSEN"])[key].items()}}
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "tune.json"), "w") as f:
+        json.dump({{"chosen": chosen}}, f)
+elif "--upto" in argv:
+    os.makedirs(os.path.join(workdir, "shared", "rounds", "r01", "score"))
+    open(os.path.join(workdir, "shared", "rounds", "r01", "score", "DONE"), "w").close()
+"""
+
+
+def test_distill_experiment_tune_kd_runs_each_row_at_the_point_dev_chose(tmp_path):
+    """`tune-kd NAME`: the shared stages once (`--upto filter`), the kd temperature grid from
+    them, the β grid at md2pr's chosen temperature from that grid's point, then each row at its
+    own choice with every seed on the dataset's stages. The interpreter is a stand-in that logs
+    the calls, so the chaining is what is tested, not the training."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    runs, log = tmp_path / "runs", tmp_path / "calls.jsonl"
+    env = dict(os.environ, RUNS=str(runs), PYTHON=str(fake), OUT=str(tmp_path / "out"), SEEDS="0,1",
+               FAKE_LOG=str(log), CHOSEN=json.dumps({"loss.kd_temperature": {"de_sent": 2.0, "md2pr": 4.0},
+                                                     "loss.beta": {"md2pr": 0.01}}))
+    script = os.path.join(ROOT, "launch", "distill_experiment.sh")
+    proc = subprocess.run(["bash", script, "tune-kd", "nfcorpus"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "chosen on dev: de_sent T=2.0; md2pr T=4.0 beta=0.01" in proc.stdout
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    runs_ = [c for c in calls if c[0] == "-m"]
+    assert [(c[1], c[c.index("--workdir") + 1]) for c in runs_] == [
+        ("md2pr_jax.ablation", f"{runs}/nfcorpus"), ("md2pr_jax.dev_tune", f"{runs}/nfcorpus_tune_kd"),
+        ("md2pr_jax.dev_tune", f"{runs}/nfcorpus_tune_beta"), ("md2pr_jax.ablation", f"{runs}/nfcorpus_tuned/de_sent"),
+        ("md2pr_jax.ablation", f"{runs}/nfcorpus_tuned/md2pr")]
+    shared, kd, beta, de_sent, md2pr = runs_
+    every = ["--config.data.max_train_queries=1000", "--config.teacher_train.epochs=0", "--config.rounds.mine_depth=10"]
+    assert all(flag in c for c in runs_ for flag in every)
+    assert shared[shared.index("--upto") + 1] == "filter"
+    assert kd[kd.index("--source") + 1] == f"{runs}/nfcorpus"
+    assert kd[kd.index("--grid") + 1] == "loss.kd_temperature=1.0,2.0,4.0" and "--rows" in kd
+    assert kd[kd.index("--rows") + 1] == "de_sent,md2pr"
+    assert beta[beta.index("--source") + 1] == f"{runs}/nfcorpus_tune_kd/loss.kd_temperature=4.0"
+    assert "--config.loss.kd_temperature=4.0" in beta and beta[beta.index("--rows") + 1] == "md2pr"
+    assert beta[beta.index("--grid") + 1] == "loss.beta=0.01,0.1,1.0"
+    for row, c, settings in [("de_sent", de_sent, ["--config.loss.kd_temperature=2.0"]),
+                             ("md2pr", md2pr, ["--config.loss.kd_temperature=4.0", "--config.loss.beta=0.01"])]:
+        assert all(s in c for s in settings)
+        assert c[c.index("--rows") + 1] == row and c[c.index("--seeds") + 1] == "0,1"
+        assert c[c.index("--reuse_from") + 1] == f"{runs}/nfcorpus"
+    assert not any(a.startswith("--config.loss.beta") for a in de_sent)
+    # Again, with the shared stages finished: they are not built a second time.
+    for name in ("nfcorpus_tune_kd", "nfcorpus_tune_beta"):
+        shutil.rmtree(runs / name)
+    log.unlink()
+    proc = subprocess.run(["bash", script, "tune-kd", "nfcorpus"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    again = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[1] for c in again if c[0] == "-m"] == ["md2pr_jax.dev_tune"] * 2 + ["md2pr_jax.ablation"] * 2
 
 
 def test_distill_experiment_compares_from_the_committed_archive(tmp_path):
