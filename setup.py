@@ -47,6 +47,8 @@ setup(
         # only the CUDA build of torch==2.13.0 (with its nvidia-* libraries, several GB).
         "test": [
             "pytest==9.2.0",
+            # Two test workers (pytest.ini: -n 2): the suite's subprocess runs leave a core idle.
+            "pytest-xdist==3.8.0",
             "torch==2.13.0",
             "sentence-transformers==6.2.0",
             "pytrec-eval-terrier==0.5.11",

@@ -13,6 +13,13 @@ de_sent_word, md2pr, static_filter: the mean over seeds of ndcg@10, mrr@10, reca
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Before the imports below (JAX among them, seconds of CPU): the process that re-executes
+    # under tcmalloc would otherwise import them twice.
+    from md2pr_jax.allocator import reexec_under_preferred_allocator
+
+    reexec_under_preferred_allocator()
+
 import json
 import os
 import sys
@@ -387,8 +394,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from md2pr_jax.allocator import reexec_under_preferred_allocator
-
-    reexec_under_preferred_allocator()
     _CONFIG, _WORKDIR, _SEEDS, _ROWS, _MULTI_SEED_ROWS, _REUSE_FROM, _UPTO, _ARCHIVE = _define_flags()
     app.run(main)

@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
-import jax
 import numpy as np
 from etils import epath
 
@@ -41,6 +40,7 @@ def as_path(path: PathLike) -> epath.Path:
 
 def save_params(path: PathLike, params: Any) -> None:
     """Saves a parameter tree with orbax, replacing what was there (atomically on the orbax side)."""
+    import jax  # here, not at the top: compare and the report read artifacts without JAX
     import orbax.checkpoint as ocp
 
     ckptr = ocp.StandardCheckpointer()
@@ -53,6 +53,7 @@ def load_params(path: PathLike, reference: Any) -> Any:
 
     Raises ValueError naming the parameter when a shape disagrees with the configured model.
     """
+    import jax
     import orbax.checkpoint as ocp
 
     path = as_path(path)

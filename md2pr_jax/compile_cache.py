@@ -7,7 +7,9 @@ back from disk (on the 2-core CPU: the 8 encoder buckets of SciFact at length 25
 compile cold). Programs that compile in under a second are not stored.
 
 `MD2PR_COMPILATION_CACHE`: the cache folder (default `~/.cache/md2pr_jax/xla`, a local disk on
-every host of a pod); `off` disables it.
+every host of a pod); `off` disables it. `MD2PR_COMPILATION_CACHE_MIN_S`: store only programs
+that took at least this long to compile (default 1 s; the test suite sets 0, since its tiny
+programs compile in well under a second each but dozens of processes compile the same ones).
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ DEFAULT = os.path.join("~", ".cache", "md2pr_jax", "xla")
 MAX_BYTES = 2 * 1024**3  # least recently used programs are evicted beyond this
 
 
-def use_compilation_cache(folder: str | None = None, min_compile_s: float = 1.0) -> str | None:
+def use_compilation_cache(folder: str | None = None, min_compile_s: float | None = None) -> str | None:
     """Points JAX's persistent compilation cache at `folder` (default: $MD2PR_COMPILATION_CACHE,
-    else ~/.cache/md2pr_jax/xla); returns the folder, or None when disabled. Call it before the
-    process compiles anything: JAX sets its cache up at the first compile."""
+    else ~/.cache/md2pr_jax/xla), storing programs that took `min_compile_s` or more to compile
+    (default: $MD2PR_COMPILATION_CACHE_MIN_S, else 1 s); returns the folder, or None when
+    disabled. Call it before the process compiles anything: JAX sets its cache up at the first
+    compile."""
     folder = folder or os.environ.get("MD2PR_COMPILATION_CACHE") or DEFAULT
     if folder.lower() == "off":
         return None
     import jax
 
+    if min_compile_s is None:
+        min_compile_s = float(os.environ.get("MD2PR_COMPILATION_CACHE_MIN_S") or 1.0)
     folder = os.path.expanduser(folder)
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)

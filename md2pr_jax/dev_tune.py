@@ -21,6 +21,13 @@ that row alone, seeds --final_seeds), for `md2pr_jax.compare` with `NAME=FINAL_W
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Before the imports below (JAX among them, seconds of CPU): the process that re-executes
+    # under tcmalloc would otherwise import them twice.
+    from md2pr_jax.allocator import reexec_under_preferred_allocator
+
+    reexec_under_preferred_allocator()
+
 import itertools
 import json
 import os
@@ -249,8 +256,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from md2pr_jax.allocator import reexec_under_preferred_allocator
-
-    reexec_under_preferred_allocator()
     _CONFIG, _SOURCE, _WORKDIR, _ROWS, _GRID, _SEED, _METRIC, _FINAL, _FINAL_SEEDS, _OUT = _define_flags()
     app.run(main)

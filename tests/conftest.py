@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The subprocess runs (main, ablation, dev_tune) compile the same tiny programs again and again,
+# each in well under the 1 s that the compilation cache asks by default: store them all.
+os.environ.setdefault("MD2PR_COMPILATION_CACHE_MIN_S", "0")
 if os.environ.get("MD2PR_DATA_DIR") and "://" not in os.environ["MD2PR_DATA_DIR"]:
     # Absolute, so that subprocesses started in other folders (launch tests) find the data.
     os.environ["MD2PR_DATA_DIR"] = os.path.abspath(os.environ["MD2PR_DATA_DIR"])

@@ -181,6 +181,7 @@ def _history(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.xdist_group("gcs_reference")  # one worker: the module reference run once
 def test_bucket_workdir_and_data_survive_sigkill(gcs, reference, tmp_path):
     cwd = tmp_path / "cwd"  # where a path mistaken for a local one would appear as gs:/...
     cwd.mkdir()
@@ -295,6 +296,7 @@ def _floats(tree):
         yield tree
 
 
+@pytest.mark.xdist_group("gcs_reference")  # one worker: the module reference run once
 def test_two_processes_with_bucket_workdir_survive_a_killed_worker(gcs, reference, tmp_path):
     """A pod in miniature against the server: launch/multihost_local.sh runs 2 jax.distributed
     processes, each with its own HOME (its own local caches, as each host has its own disk),
