@@ -417,7 +417,7 @@ def _log(log) -> list[str]:
 
 
 INSTALL = ["venv-python -c import sys; print(\"%d.%d\" % sys.version_info[:2])",
-           "venv-python -m pip install --quiet --upgrade pip", "venv-python -m pip install --quiet -e .[tpu]"]
+           "venv-python -m pip install --quiet --upgrade pip", "venv-python -m pip install --quiet --no-compile -e .[tpu]"]
 VERSION_PROBE = "-c import sys; print(\"%d.%d\" % sys.version_info[:2])"
 
 
@@ -765,7 +765,7 @@ def test_distill_experiment_refuses_an_unknown_stage_and_an_empty_comparison(tmp
     assert not (tmp_path / "runs").exists()
 
 
-FAKE_PYTHON = """#!{python}
+STAND_IN_INTERPRETER = """#!{python}
 # Stands in for the interpreter of launch/distill_experiment.sh: logs each call's arguments,
 # runs `-c` snippets for real, and leaves what a finished stage leaves (a dev grid's tune.json
 # with the choice in CHOSEN, the shared stages' DONE file).
@@ -796,7 +796,7 @@ def test_distill_experiment_tune_kd_runs_each_row_at_the_point_dev_chose(tmp_pat
     own choice with every seed on the dataset's stages. The interpreter is a stand-in that logs
     the calls, so the chaining is what is tested, not the training."""
     fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.write_text(STAND_IN_INTERPRETER.format(python=sys.executable))
     fake.chmod(0o755)
     runs, log = tmp_path / "runs", tmp_path / "calls.jsonl"
     env = dict(os.environ, RUNS=str(runs), PYTHON=str(fake), OUT=str(tmp_path / "out"), SEEDS="0,1",
