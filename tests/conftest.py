@@ -13,13 +13,6 @@ if os.environ.get("MD2PR_DATA_DIR") and "://" not in os.environ["MD2PR_DATA_DIR"
 
 import pytest  # noqa: E402
 
-if os.environ.get("MD2PR_TEST_INPROCESS_CACHE", "1") == "1":
-    # The in-process tests compile the same tiny programs in many test files (and in both
-    # pytest-xdist workers): JAX's persistent cache, the one the entry points use, serves them.
-    from md2pr_jax.compile_cache import use_compilation_cache  # noqa: E402
-
-    use_compilation_cache()
-
 from md2pr_jax.config import MINILM_ID, base_config, bert_shape  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
