@@ -160,7 +160,8 @@ tune() {
 # in RUNS/NAME_tune_kd; then β for md2pr at its chosen temperature (BETA_GRID, default
 # 0.01,0.1,1.0) in RUNS/NAME_tune_beta, whose point at the configs' β = 0.1 is the temperature
 # grid's point, linked; then each row at its chosen point with every seed, test and dev, in
-# RUNS/NAME_tuned/ROW on the dataset's stages (--reuse_from RUNS/NAME). tune.json and TUNE.md
+# RUNS/NAME_kd_tuned/ROW (not NAME_tuned, where `tune` puts its rows) on the dataset's stages
+# (--reuse_from RUNS/NAME). tune.json and TUNE.md
 # of each grid go to OUT/tune_NAME_kd and OUT/tune_NAME_beta. `de` has no kd knobs: the
 # comparisons read its endpoint rows.
 tune_kd() {
@@ -173,7 +174,7 @@ tune_kd() {
   chosen() {  # chosen GRID_WORKDIR ROW KEY: the value dev chose
     "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/tune.json"))["chosen"][sys.argv[2]]["settings"][sys.argv[3]])' "$@"
   }
-  echo "== tune-kd $name: $RUNS/${name}_tune_kd, $RUNS/${name}_tune_beta, $RUNS/${name}_tuned (log $log)"
+  echo "== tune-kd $name: $RUNS/${name}_tune_kd, $RUNS/${name}_tune_beta, $RUNS/${name}_kd_tuned (log $log)"
   if [[ ! -f "$RUNS/$name/shared/rounds/r01/score/DONE" ]]; then
     "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --workdir "$RUNS/$name" --seeds 0 --rows $ROWS \
       --multi_seed_rows $ROWS --upto filter >>"$log" 2>&1
@@ -188,10 +189,10 @@ tune_kd() {
   beta=$(chosen "$RUNS/${name}_tune_beta" md2pr loss.beta)
   echo "chosen on dev: de_sent T=$t_sent; md2pr T=$t_md2pr beta=$beta" | tee -a "$log"
   "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --config.loss.kd_temperature="$t_sent" \
-    --workdir "$RUNS/${name}_tuned/de_sent" --seeds "$SEEDS" --rows de_sent --multi_seed_rows de_sent \
+    --workdir "$RUNS/${name}_kd_tuned/de_sent" --seeds "$SEEDS" --rows de_sent --multi_seed_rows de_sent \
     --reuse_from "$RUNS/$name" >>"$log" 2>&1
   "$PYTHON" -m md2pr_jax.ablation --config "${args[@]}" --config.loss.kd_temperature="$t_md2pr" --config.loss.beta="$beta" \
-    --workdir "$RUNS/${name}_tuned/md2pr" --seeds "$SEEDS" --rows md2pr --multi_seed_rows md2pr \
+    --workdir "$RUNS/${name}_kd_tuned/md2pr" --seeds "$SEEDS" --rows md2pr --multi_seed_rows md2pr \
     --reuse_from "$RUNS/$name" >>"$log" 2>&1
 }
 
