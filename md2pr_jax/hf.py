@@ -98,12 +98,55 @@ def resolve_pretrained(name_or_path: str) -> str:
         ) from None
 
 
+class RustTokenizer:
+    """A folder's `tokenizer.json`, read by the Rust `tokenizers` library, with what data
+    preparation asks of a fast tokenizer: `backend_tokenizer`, the [CLS]/[SEP]/[PAD] ids and
+    `truncation_side` (from tokenizer_config.json / special_tokens_map.json, BERT's defaults where
+    they say nothing). Every training and evaluation process prepares (or loads) the dataset;
+    reading the tokenizer through `transformers` costs each of them ~2 s of importing
+    transformers, plus ~2-3 s of importing torch, which transformers pulls in. The ids are
+    transformers' own for the same folder (tests/test_data.py checks them and the fingerprint)."""
+
+    def __init__(self, folder: str):
+        from tokenizers import Tokenizer
+
+        self.name_or_path = folder
+        self.backend_tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    settings.update(json.load(f))
+        self.truncation_side = settings.get("truncation_side", "right")
+        self.split_special_tokens = bool(settings.get("split_special_tokens", False))
+        for role, default in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
+            token = settings.get(f"{role}_token", default)
+            token = token.get("content", default) if isinstance(token, dict) else token
+            token_id = self.backend_tokenizer.token_to_id(token)
+            if token_id is None:
+                raise WeightsError(f"{folder}: the {role} token {token!r} is not in tokenizer.json's vocabulary")
+            setattr(self, f"{role}_token_id", token_id)
+
+    def __repr__(self):
+        return f"RustTokenizer({self.name_or_path!r})"
+
+
 def load_tokenizer(config):
-    """The fast tokenizer for the student (and teacher: they share the vocabulary)."""
+    """The student's tokenizer (the teacher shares its vocabulary), for data preparation: a
+    `RustTokenizer` where the folder has tokenizer.json, else transformers' fast tokenizer
+    (which converts a vocab.txt). `load_hf_tokenizer` is transformers' own, for export."""
+    folder = resolve_pretrained(config.student.tokenizer or config.student.init or MINILM_ID)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return RustTokenizer(folder)
+    return load_hf_tokenizer(config)
+
+
+def load_hf_tokenizer(config):
+    """transformers' fast tokenizer for the student: what an export saves beside the weights."""
     from transformers import AutoTokenizer
 
-    source = config.student.tokenizer or config.student.init or MINILM_ID
-    return AutoTokenizer.from_pretrained(resolve_pretrained(source))
+    return AutoTokenizer.from_pretrained(resolve_pretrained(config.student.tokenizer or config.student.init or MINILM_ID))
 
 
 # ----------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def export_mode(config, workdir: str) -> None:
     student, s_src = saved_or_init(layout, "student", config)
     teacher, t_src = saved_or_init(layout, "teacher", config)
     source = f"student: {s_src}, teacher: {t_src}"
-    tok = hf.load_tokenizer(config)
+    tok = hf.load_hf_tokenizer(config)
     folders = {"student": layout.hf("student"), "teacher": layout.hf("teacher")}
     with artifacts.local_folder(layout.root / "hf") as out:
         hf.export_student(student, config, os.path.join(out, "student"), tok)

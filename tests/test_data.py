@@ -19,6 +19,14 @@ def tokenizer():
     return load_tokenizer(make_tiny_config())
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """transformers' own tokenizer for the same folder: the reference the pipeline's is held to."""
+    from md2pr_jax.hf import load_hf_tokenizer
+
+    return load_hf_tokenizer(make_tiny_config())
+
+
 def _config(data_dir, dataset, builder="beir", **overrides):
     c = make_tiny_config(**overrides)
     c.data.dir, c.data.dataset, c.data.builder = str(data_dir), dataset, builder
@@ -55,7 +63,7 @@ def write_beir(root, name="toy", docs=8, extra_corpus=b"", extra_queries=b"", ex
     return src
 
 
-def test_beir_round_trip(tmp_path, tokenizer):
+def test_beir_round_trip(tmp_path, tokenizer, hf_tokenizer):
     write_beir(tmp_path / "src")
     ds = prepare_dataset(_config(tmp_path / "src", "toy"), str(tmp_path / "wd"), tokenizer=tokenizer)
     assert ds.doc_ids == [f"d{i}" for i in range(8)]
@@ -68,7 +76,7 @@ def test_beir_round_trip(tmp_path, tokenizer):
     ids, mask = ds.doc_tokens(np.array([[0, 3]]))
     assert ids.shape == mask.shape == (1, 2, 16) and ids.dtype == mask.dtype == np.int32
     n = int(mask[0, 1].sum())
-    assert tokenizer.decode(ids[0, 1, :n]) == "[CLS] title 3 text of document number 3 [SEP]"
+    assert hf_tokenizer.decode(ids[0, 1, :n]) == "[CLS] title 3 text of document number 3 [SEP]"
     assert (ids[0, 1, n:] == tokenizer.pad_token_id).all() and (mask[0, 1, n:] == 0).all()
     assert ds.doc_lengths[3] == n
     # A shorter length cuts the sequence and ends it with [SEP] again.
@@ -97,15 +105,53 @@ def test_second_build_reuses_cache(tmp_path, tokenizer):
     assert not third.from_cache and third.qrels["test"]["t0"] == {"d5": 1, "d7": 1}
 
 
-def test_tokenizer_fingerprint_ignores_call_state(tokenizer):
+def test_tokenizer_fingerprint_ignores_call_state(hf_tokenizer):
     from md2pr_jax.data.prepare import tokenizer_fingerprint
 
-    before = tokenizer_fingerprint(tokenizer)
-    tokenizer(["some text"], truncation=True, max_length=5)
-    assert tokenizer_fingerprint(tokenizer) == before
+    before = tokenizer_fingerprint(hf_tokenizer)
+    hf_tokenizer(["some text"], truncation=True, max_length=5)
+    assert tokenizer_fingerprint(hf_tokenizer) == before
 
 
-def test_word_cut_tokenization_is_exact(tokenizer):
+def test_the_pipelines_tokenizer_is_transformers_own_without_importing_transformers(tokenizer, hf_tokenizer):
+    """The pipeline reads tokenizer.json with the `tokenizers` library (import transformers and
+    torch cost each process seconds): same fingerprint (so the same prepared folders), same
+    special ids, and a fresh process that loads it imports neither."""
+    import subprocess
+    import sys
+
+    from md2pr_jax.data.prepare import tokenizer_fingerprint
+    from tests.conftest import ROOT
+
+    assert type(tokenizer).__name__ == "RustTokenizer"
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(hf_tokenizer)
+    for role in ("cls", "sep", "pad"):
+        assert getattr(tokenizer, f"{role}_token_id") == getattr(hf_tokenizer, f"{role}_token_id")
+    assert tokenizer.truncation_side == hf_tokenizer.truncation_side
+    code = ("import sys, json; from md2pr_jax import hf; from tests.conftest import make_tiny_config; "
+            "t = hf.load_tokenizer(make_tiny_config()); "
+            "print(json.dumps([t.cls_token_id, sorted(m for m in ('transformers', 'torch') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [hf_tokenizer.cls_token_id, []]
+
+
+def test_a_folder_without_tokenizer_json_falls_back_to_transformers(tmp_path, hf_tokenizer):
+    import shutil
+
+    from md2pr_jax import hf
+    from md2pr_jax.data.prepare import _tokenize
+
+    folder = tmp_path / "bert"
+    shutil.copytree(hf_tokenizer.name_or_path, folder)
+    (folder / "tokenizer.json").unlink()
+    slow_only = hf.load_tokenizer(make_tiny_config(**{"student.tokenizer": str(folder)}))
+    assert type(slow_only).__name__ != "RustTokenizer"
+    texts = ["Vitamin D and fractures: a meta-analysis.", "naïve café"]
+    assert _tokenize(slow_only, texts, 12, slow_only.cls_token_id) == _tokenize(hf_tokenizer, texts, 12, hf_tokenizer.cls_token_id)
+
+
+def test_word_cut_tokenization_is_exact(tokenizer, hf_tokenizer):
     from md2pr_jax.data.prepare import _encode, _tokenize
 
     texts = [
@@ -115,7 +161,7 @@ def test_word_cut_tokenization_is_exact(tokenizer):
         "naïve café Ünïcödé " * 10,
         "short",
     ]
-    assert _tokenize(tokenizer, texts, 16, tokenizer.cls_token_id) == _encode(tokenizer, texts, 16)
+    assert _tokenize(tokenizer, texts, 16, tokenizer.cls_token_id) == _encode(hf_tokenizer, texts, 16)
 
 
 def test_subsets_and_dev_split(tmp_path, tokenizer):
@@ -181,7 +227,7 @@ def test_bad_record_skip(tmp_path, tokenizer, kind, filename, line, mutation):
 # MS MARCO passage and NQ (DPR), in their official formats
 
 
-def test_msmarco_round_trip(tmp_path, tokenizer):
+def test_msmarco_round_trip(tmp_path, tokenizer, hf_tokenizer):
     src = tmp_path / "src" / "msmarco"
     passages = ["The capital of France is Paris.", "Paris has the Eiffel tower.", "Berlin is in Germany.", "Tea is a drink."]
     _write(str(src / "collection.tsv"), "".join(f"{i}\t{p}\n" for i, p in enumerate(passages)))
@@ -197,7 +243,7 @@ def test_msmarco_round_trip(tmp_path, tokenizer):
     assert ds.qrels == {"train": {"1185869": {"0": 1}, "1185868": {"2": 1}}, "dev": {"1048585": {"3": 1}}}
     assert ds.hard_negatives == {"1185869": ["1", "3"], "1185868": ["0"]}
     ids, mask = ds.query_tokens([ds.query_index["1048585"]])
-    assert tokenizer.decode(ids[0, : mask.sum()]) == "[CLS] what is tea [SEP]"
+    assert hf_tokenizer.decode(ids[0, : mask.sum()]) == "[CLS] what is tea [SEP]"
 
 
 def test_nq_dpr_round_trip(tmp_path, tokenizer):

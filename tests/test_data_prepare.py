@@ -74,8 +74,15 @@ def tokenizer():
     return load_tokenizer(make_tiny_config())
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from md2pr_jax.hf import load_hf_tokenizer
+
+    return load_hf_tokenizer(make_tiny_config())
+
+
 @pytest.mark.parametrize("max_docs", [0, 20])
-def test_threads_give_the_same_files_as_one_thread(tmp_path, tokenizer, monkeypatch, max_docs):
+def test_threads_give_the_same_files_as_one_thread(tmp_path, tokenizer, hf_tokenizer, monkeypatch, max_docs):
     from md2pr_jax.data import prepare
     from md2pr_jax.data.prepare import _encode, prepare_dataset
 
@@ -91,11 +98,11 @@ def test_threads_give_the_same_files_as_one_thread(tmp_path, tokenizer, monkeypa
     assert four.num_docs == (max_docs or N_DOCS) and four.doc_ids == sorted(four.doc_ids, key=int)
     # In source order, and each row the tokenizer's own ids for its text (the fast path is exact).
     texts = list(four.doc_texts)
-    want = _encode(tokenizer, texts, 16)
+    want = _encode(hf_tokenizer, texts, 16)
     ids, mask = four.doc_tokens(np.arange(four.num_docs))
     assert [row[: m.sum()].tolist() for row, m in zip(ids, mask)] == want
     q_ids, q_mask = four.query_tokens(np.arange(four.num_queries))
-    assert [r[: m.sum()].tolist() for r, m in zip(q_ids, q_mask)] == _encode(tokenizer, list(four.query_texts), 8)
+    assert [r[: m.sum()].tolist() for r, m in zip(q_ids, q_mask)] == _encode(hf_tokenizer, list(four.query_texts), 8)
 
 
 def test_prepared_key_names_no_path_or_time(tmp_path, tokenizer):

@@ -51,7 +51,7 @@ def test_minilm_import_matches_sentence_transformers(data_dir):
 
     cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["data.max_passage_len=256"])
     params = init_student_params(cfg)
-    tok = hf.load_tokenizer(cfg)
+    tok = hf.load_hf_tokenizer(cfg)
     with open(os.path.join(data_dir, "scifact", "corpus.jsonl")) as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(40), f)]
     ours = _jax_embed(cfg, params, tok, texts, 256)
@@ -73,7 +73,7 @@ def test_export_round_trip(tmp_path, which):
         cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"), ["teacher.head=cls"])
     student = init_student_params(cfg, jax.random.PRNGKey(3))
     teacher = init_teacher_params(cfg, jax.random.PRNGKey(4))
-    tok = hf.load_tokenizer(cfg)
+    tok = hf.load_hf_tokenizer(cfg)
     s_dir = hf.export_student(student, cfg, str(tmp_path / "student"), tok)
     t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
 
@@ -187,7 +187,7 @@ def test_segment_cosine_teacher_round_trip_and_score(tmp_path):
     teacher = init_teacher_params(cfg, jax.random.PRNGKey(0))
     assert "classifier" not in teacher and float(teacher["score_head"]["scale"]) == 7.0
     teacher["score_head"] = {"scale": np.float32(5.5), "bias": np.float32(-1.25)}
-    tok = hf.load_tokenizer(cfg)
+    tok = hf.load_hf_tokenizer(cfg)
     pairs = [(q, p) for q in QUERIES for p in PASSAGES]
     scores = _jax_scores(cfg, teacher, tok, pairs)
 
@@ -234,7 +234,7 @@ def test_segment_cosine_teacher_export_matches_hf_on_the_packed_pair(tmp_path):
     cfg = load_config(os.path.join(ROOT, "configs/scifact_minilm.py"))
     assert cfg.teacher.head == "segment_cosine"
     teacher = init_teacher_params(cfg)
-    tok = hf.load_tokenizer(cfg)
+    tok = hf.load_hf_tokenizer(cfg)
     t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "teacher"), tok)
     head = json.load(open(os.path.join(t_dir, hf.SCORE_HEAD_FILE)))
     pairs = [(q, p) for q in QUERIES for p in PASSAGES]
@@ -269,7 +269,7 @@ def test_layer_indices_match_hugging_face(tmp_path):
     shape = dict(hidden_size=32, num_layers=n, num_heads=2, intermediate_size=64, max_position_embeddings=64)
     cfg.teacher.bert, cfg.student.bert = bert_shape(**shape), bert_shape(**shape)
     teacher = init_teacher_params(cfg, jax.random.PRNGKey(5))
-    tok = hf.load_tokenizer(cfg)
+    tok = hf.load_hf_tokenizer(cfg)
     t_dir = hf.export_teacher(teacher, cfg, str(tmp_path / "t"), tok)
     enc = tok(QUERIES[0], PASSAGES[0], return_tensors="np")  # one unpadded pair
     ids, types = enc["input_ids"].astype(np.int32), enc["token_type_ids"].astype(np.int32)

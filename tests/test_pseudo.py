@@ -74,6 +74,7 @@ def test_title_queries_take_the_title_and_the_body_as_positive():
 
 def test_pseudo_queries_join_the_dataset_as_a_split_with_their_source_passage():
     tok = hf.load_tokenizer(make_tiny_config())
+    ref = hf.load_hf_tokenizer(make_tiny_config())  # transformers' own call, the reference
     ds = _dataset(tok)
     cut = pseudo.cut_queries(ds.doc_texts, 10, "sentence", seed=0)
     out = pseudo.with_pseudo_queries(ds, cut, tok)
@@ -85,7 +86,7 @@ def test_pseudo_queries_join_the_dataset_as_a_split_with_their_source_passage():
     for q, d in zip(sorted(pos), cut.rows):
         assert pos[q] == [int(d)] and out.query_ids[q] == f"pseudo:d{d}"
         ids, mask = out.query_tokens(np.array([q]))
-        want = tok(out.query_texts[q], max_length=ds.max_query_len, truncation=True)["input_ids"]
+        want = ref(out.query_texts[q], max_length=ds.max_query_len, truncation=True)["input_ids"]
         assert ids[0, : mask[0].sum()].tolist() == want
     # The old rows read the same tokens as before.
     np.testing.assert_array_equal(out.query_tokens(np.array([0, 1]))[0], ds.query_tokens(np.array([0, 1]))[0])
@@ -99,6 +100,7 @@ def test_training_only_positives_follow_the_corpus_rows(kind):
     and evaluated) and the corpus rows' tokens are unchanged, each positive reads its own text's
     tokens, and corpus_rows maps it back to the document it was cut from."""
     tok = hf.load_tokenizer(make_tiny_config())
+    ref = hf.load_hf_tokenizer(make_tiny_config())  # transformers' own call, the reference
     ds = _dataset(tok)
     cut = pseudo.cut_queries(ds.doc_texts, 10, kind, seed=0, titles=TITLES)
     out = pseudo.with_pseudo_queries(ds, cut, tok)
@@ -110,7 +112,7 @@ def test_training_only_positives_follow_the_corpus_rows(kind):
         (p,) = pos[q]
         assert p >= ds.num_docs and out.doc_ids[p] == f"pseudo-passage:d{d}"
         ids, mask = out.doc_tokens(np.array([p]))
-        assert ids[0, : mask[0].sum()].tolist() == tok(text, max_length=ds.max_passage_len, truncation=True)["input_ids"]
+        assert ids[0, : mask[0].sum()].tolist() == ref(text, max_length=ds.max_passage_len, truncation=True)["input_ids"]
         assert out.corpus_rows(np.array([p, 1, -1])).tolist() == [int(d), 1, -1]
 
 
