@@ -2,6 +2,7 @@
 
 import glob
 import os
+import subprocess
 import sys
 
 import jax
@@ -171,7 +172,35 @@ def test_grad_accumulation_and_loop_write_metrics(setup, tmp_path):
     assert [h["step"] for h in history] == [2, 4]
     assert all(np.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in history)
     assert history[-1]["lr"] == pytest.approx(config.train.lr / 4, rel=1e-5)  # lr used by step 4 of 4
-    assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents*"))
+    (events,) = glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents*"))
+    assert _scalars(events)["train/loss"] == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in history]
+
+
+def _scalars(path):
+    """{tag: [(step, value)]} from a TensorBoard event file (records: length, crc, Event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out, data = {}, open(path, "rb").read()
+    while data:
+        n = int.from_bytes(data[:8], "little")
+        event = Event.FromString(data[12:12 + n])
+        data = data[12 + n + 4:]
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_the_summary_writer_loads_without_torch():
+    """tensorboardX imports torch where installed (~3 s a training process); the loop's writer
+    does not, and the file it writes holds the scalars."""
+    code = ("import sys, tempfile; from md2pr_jax.train.loop import summary_writer; "
+            "d = tempfile.mkdtemp(); w = summary_writer(d); w.add_scalar('a/b', 0.5, 3); w.close(); "
+            "import glob; print('torch' in sys.modules, glob.glob(d + '/events*')[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, path = out.stdout.split()
+    assert loaded == "False" and _scalars(path) == {"a/b": [(3, 0.5)]}
 
 
 def test_online_mode_without_teacher_is_a_clear_error(setup):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -19,6 +20,22 @@ def _to_device(batch: Mapping[str, Any], mesh) -> dict:
     if mesh is None or all(isinstance(v, jax.Array) for v in batch.values()):
         return dict(batch)
     return shd.to_global(batch, mesh)
+
+
+def summary_writer(folder: str):
+    """tensorboardX's SummaryWriter for `folder`, imported without torch. tensorboardX's writer
+    module imports torch where it is installed, only to accept torch tensors (this loop logs
+    floats); that import is ~3 s of every training process. Where torch or tensorboardX is
+    loaded already, a plain import."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter(folder)
 
 
 def train_loop(
@@ -59,9 +76,7 @@ def train_loop(
     main_process = jax.process_index() == 0
     own_writer = writer is None and main_process
     if own_writer:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        writer = summary_writer(os.path.join(workdir, "tensorboard"))
     history: list[dict] = []
     get_data_state = getattr(batches, "get_state", None)
     bar = tqdm(total=num_steps, initial=start, desc=tag, disable=not main_process, dynamic_ncols=True)
