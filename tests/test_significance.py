@@ -26,6 +26,9 @@ def test_a_planted_difference_is_detected_and_its_interval_covers_it():
     assert t["p_randomization"] < 1e-3 and t["p_t"] < 1e-3
     half = stats.t.ppf(0.975, 299) * np.std(other - base, ddof=1) / math.sqrt(300)
     assert t["ci95"][1] - t["mean"] == pytest.approx(half)
+    assert t["p_t"] == pytest.approx(stats.ttest_rel(other, base).pvalue, rel=1e-9)
+    weaker = base + rng.normal(0.01, 0.2, 300)  # a p of order 0.1-0.5, where the tail's shape shows
+    assert sig.paired_test(base, weaker, permutations=100)["p_t"] == pytest.approx(stats.ttest_rel(weaker, base).pvalue, rel=1e-9)
     assert t["mde80"] < 0.05 and t["wins"] + t["losses"] == 300
 
 
