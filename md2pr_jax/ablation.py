@@ -53,9 +53,11 @@ def link_shared(shared: Layout, row: Layout) -> None:
 
 
 # Keys that decide only when a run saves its state and logs, never what it computes (training
-# resumed from a checkpoint ends at the same params: tests/test_checkpoint.py), with the value
-# every archived row ran under: a finished run is reused, and a kept row found, at any value.
-BOOKKEEPING_KEYS = {"train.checkpoint_every": 200, "train.keep_checkpoints": 2, "train.log_every": 10}
+# resumed from a checkpoint ends at the same params: tests/test_checkpoint.py; a scoring pass
+# gives the same logits whatever its chunks: tests/test_teacher.py), with the value every
+# archived row ran under: a finished run is reused, and a kept row found, at any value.
+BOOKKEEPING_KEYS = {"train.checkpoint_every": 200, "train.keep_checkpoints": 2, "train.log_every": 10,
+                    "teacher_train.score_chunk_size": 65536}
 # Keys that may differ between a finished run and the ablation reusing it.
 REUSE_FREE_KEYS = ("name", "rounds.num_rounds", *BOOKKEEPING_KEYS)
 # Keys only a row's own stages read (filter, training, evaluation, later rounds): where they

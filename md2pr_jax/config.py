@@ -180,7 +180,9 @@ def base_config() -> ConfigDict:
     c.teacher_train.score_batch_size = 64
     # Pairs per chunk of a scoring pass, each written as soon as it is scored: a killed pass
     # resumes from the last chunk written (rounded up to a multiple of the per-process batch).
-    c.teacher_train.score_chunk_size = 65536
+    # 8,192 pairs are 5-14 min of a 2-core CPU (10-25 pairs/s), what a kill can lose; the pod
+    # configs set their own. Chunks change no score: a bookkeeping key (ablation.BOOKKEEPING_KEYS).
+    c.teacher_train.score_chunk_size = 8192
     c.teacher_train.checkpoint_every = 20
     c.teacher_train.pointwise_weight = 1.0  # BCE beside the listwise CE
     c.teacher_train.rerank_depth = 100  # 0: no rerank rows

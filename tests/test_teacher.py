@@ -155,8 +155,9 @@ def test_two_processes_split_the_chunks_and_the_bm25_queries(tmp_path):
 
 
 def test_a_chunked_pass_moves_its_bar_with_every_batch(tmp_path, monkeypatch):
-    """One chunk holding the whole pass (the default 65k-pair chunk at SciFact's size) still
-    moves the progress bar batch by batch, by the pairs each batch scored."""
+    """One chunk holding the whole pass (a 65k-pair chunk at SciFact's size) still moves the
+    progress bar batch by batch, by the pairs each batch scored; chunks of one batch each give
+    the same logits, bit for bit (the chunk size is bookkeeping: ablation.BOOKKEEPING_KEYS)."""
     from md2pr_jax import teacher as teacher_mod
 
     updates = []
@@ -182,3 +183,5 @@ def test_a_chunked_pass_moves_its_bar_with_every_batch(tmp_path, monkeypatch):
     logits, info = teacher_mod.score_in_chunks(scorer, q, d, tmp_path / "chunks", chunk=1024)
     assert info["chunks"] == 1 and updates == [16, 16, 8]
     np.testing.assert_allclose(logits, scorer.score(q, d, progress=False), atol=1e-6)
+    small, info = teacher_mod.score_in_chunks(scorer, q, d, tmp_path / "small_chunks", chunk=16)
+    assert info["chunks"] == 3 and np.array_equal(small, logits)
