@@ -143,8 +143,9 @@ def test_a_folder_without_tokenizer_json_falls_back_to_transformers(tmp_path, hf
     from md2pr_jax.data.prepare import _tokenize
 
     folder = tmp_path / "bert"
-    shutil.copytree(hf_tokenizer.name_or_path, folder)
-    (folder / "tokenizer.json").unlink()
+    folder.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "config.json"):  # no tokenizer.json
+        shutil.copy(os.path.join(hf_tokenizer.name_or_path, name), folder / name)
     slow_only = hf.load_tokenizer(make_tiny_config(**{"student.tokenizer": str(folder)}))
     assert type(slow_only).__name__ != "RustTokenizer"
     texts = ["Vitamin D and fractures: a meta-analysis.", "naïve café"]
