@@ -16,8 +16,10 @@
 # comparisons of those rows:
 #   bash launch/distill_experiment.sh tune scifact      # (or nfcorpus) after `scifact` finished
 #   bash launch/distill_experiment.sh compare-tuned
-# The kd temperature and β on dev, then the rows at their choice (below, tune_kd):
+# The kd temperature and β on dev, then the rows at their choice (below, tune_kd), and their
+# comparison with each dataset's `de`, pooled (rows from RUNS/NAME_kd_tuned, else OUT/kd_tuned/per_query):
 #   bash launch/distill_experiment.sh tune-kd scifact
+#   bash launch/distill_experiment.sh compare-kd-tuned
 # Pseudo-queries (title as query, body as positive) beside the labelled ones, rows
 # de_pseudo, de_sent_pseudo, md2pr_pseudo (reusing the finished dataset's round 0):
 #   bash launch/distill_experiment.sh pseudo nfcorpus
@@ -243,6 +245,34 @@ compare_tuned() {
   echo "wrote $OUT/tuned_vs_de and $OUT/tuned_md2pr_vs_de_sent"
 }
 
+# Each dataset's de_sent and md2pr at the kd settings dev chose (`tune-kd NAME`) against its
+# archived endpoint `de` (OUT/per_query), per dataset and pooled. A dataset's rows come from
+# RUNS/NAME_kd_tuned/ROW where they ran on this machine, else from OUT/kd_tuned/per_query, where
+# every run of this stage archives the files it read (NFCorpus's were run by hand and archived
+# there), so the comparison reruns from the repository alone.
+compare_kd_tuned() {
+  local archive=$OUT/kd_tuned/per_query name row spec base=() rows=() sent=()
+  for name in scifact nfcorpus; do
+    local found=()
+    for row in de_sent md2pr; do
+      if [[ -d "$RUNS/${name}_kd_tuned/$row/rows" ]]; then found+=("$row=$RUNS/${name}_kd_tuned/$row:$row")
+      elif compgen -G "$archive/$name.${row}_s*.test.json" >/dev/null; then found+=("$row=$name@$archive:$row")
+      fi
+    done
+    if [[ ${#found[@]} -ne 2 ]]; then
+      echo "skipped $name: its kd-tuned de_sent and md2pr are not both in $RUNS/${name}_kd_tuned or $archive" >&2
+      continue
+    fi
+    base+=(--baseline "de=$name@$OUT/per_query:de")
+    for spec in "${found[@]}"; do rows+=(--row "$spec"); done
+    sent+=(--baseline "${found[0]}" --row "${found[1]}")
+  done
+  if [[ ${#base[@]} -eq 0 ]]; then echo "no dataset has its kd-tuned rows yet (run \`$0 tune-kd NAME\`)" >&2; return 1; fi
+  "$PYTHON" -m md2pr_jax.compare "${base[@]}" "${rows[@]}" --out "$OUT/kd_tuned/vs_de" --archive "$archive" >/dev/null
+  "$PYTHON" -m md2pr_jax.compare "${sent[@]}" --out "$OUT/kd_tuned/md2pr_vs_de_sent" --archive "$archive" >/dev/null
+  echo "wrote $OUT/kd_tuned/vs_de and $OUT/kd_tuned/md2pr_vs_de_sent"
+}
+
 case "${1:-all}" in
   scifact|nfcorpus) run_dataset "$1" ;;
   compare) compare ;;
@@ -252,5 +282,6 @@ case "${1:-all}" in
   pseudo) pseudo "${2:-}" ;;
   compare-pseudo) compare_pseudo ;;
   compare-tuned) compare_tuned ;;
-  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|tune-kd scifact|tune-kd nfcorpus|compare-tuned|pseudo scifact|pseudo nfcorpus|compare-pseudo]" >&2; exit 2 ;;
+  compare-kd-tuned) compare_kd_tuned ;;
+  *) echo "usage: $0 [all|scifact|nfcorpus|compare|tune scifact|tune nfcorpus|tune-kd scifact|tune-kd nfcorpus|compare-tuned|compare-kd-tuned|pseudo scifact|pseudo nfcorpus|compare-pseudo]" >&2; exit 2 ;;
 esac

@@ -890,28 +890,80 @@ def test_distill_experiment_compare_pseudo_reads_only_the_datasets_that_finished
     assert "skipped word_vs_de_sent_pseudo" in proc.stderr and "skipped filter_vs_de_sent_word_pseudo" in proc.stderr
 
 
-def test_distill_experiment_compares_tuned_rows_under_a_path_with_spaces(tmp_path):
-    """`compare-tuned` pairs each dataset's tuned rows (RUNS/NAME_tuned/ROW) with its tuned `de`,
-    pooled over the datasets that have them, whatever characters RUNS holds."""
+def _student_rows(runs, folder, name, n, rows, rng, base):
+    """Finished single-row workdirs RUNS/FOLDER/ROW (seeds 0-1) whose per-query test nDCG@10 is
+    `base` + the row's shift + noise: what `ablation --rows ROW` leaves."""
     from md2pr_jax.layout import Layout, round_stage
     from md2pr_jax.retrieval import metrics, per_query
 
+    for row, shift in rows:
+        for seed in (0, 1):
+            lay = Layout.at(runs / folder / row).row(row, seed)
+            pq = lay.per_query_dir(round_stage(1, "eval"))
+            pq.mkdir(parents=True)
+            vals = np.clip(base + shift + rng.normal(0, 0.01, n), 0, 1)
+            table = {m: {f"q{i}": float(v) for i, v in enumerate(vals)} for m in ("ndcg@10", "mrr@10", "recall@100")}
+            mean = metrics.mean_of(table)
+            per_query.metrics_path(pq, "student", "test").write_text(json.dumps(
+                {"system": "student", "split": "test", "queries": n, "mean": mean, "metrics": table}))
+            lay.results.write_text(json.dumps({"rounds": [{"round": 1, "metrics": {"test": mean}}]}))
+            lay.config_json.write_text(json.dumps({"data": {"dataset": name}}))
+
+
+def test_distill_experiment_compares_the_kd_tuned_rows_from_runs_and_archive(tmp_path):
+    """`compare-kd-tuned`: each dataset's kd-tuned de_sent and md2pr (RUNS/NAME_kd_tuned/ROW, else
+    OUT/kd_tuned/per_query) against its archived `de` (OUT/per_query), pooled; the files read are
+    archived, so a second run without RUNS gives the same comparison from the archive alone."""
+    from md2pr_jax.compare import Part, run_comparison, write_archive
+
+    def archive(name, rows, folder):  # the endpoint `de` and `rows` ((ROW, WORKDIR)) of one dataset into folder
+        endpoint = ("de", [Part(name, str(tmp_path / "endpoint" / name / "de"), "de")])
+        write_archive(run_comparison(endpoint, [(r, [Part(name, wd, r)]) for r, wd in rows], permutations=100),
+                      str(folder))
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    rng = np.random.default_rng(1)
+    bases = {"scifact": rng.uniform(0, 1, 30), "nfcorpus": rng.uniform(0, 1, 40)}
+    for name, base in bases.items():  # the endpoint `de`, archived as committed
+        _student_rows(tmp_path / "endpoint", name, name, len(base), [("de", 0.0)], rng, base)
+    _student_rows(runs, "scifact_kd_tuned", "scifact", 30, [("de_sent", 0.05), ("md2pr", 0.02)], rng, bases["scifact"])
+    _student_rows(tmp_path / "by_hand", "nfcorpus", "nfcorpus", 40, [("de_sent", 0.03), ("md2pr", 0.04)], rng,
+                  bases["nfcorpus"])
+    for name in bases:
+        archive(name, [], out / "per_query")
+    script = ["bash", os.path.join(ROOT, "launch", "distill_experiment.sh"), "compare-kd-tuned"]
+    env = dict(os.environ, RUNS=str(runs), PYTHON=sys.executable, OUT=str(out))
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped nfcorpus" in proc.stderr  # neither run here nor archived yet
+    only = json.load(open(out / "kd_tuned" / "vs_de" / "compare.json"))["query_level"]["tests"]["test"]["ndcg@10"]
+    assert set(only) == {"scifact"} and only["scifact"]["de_sent"]["mean"] == pytest.approx(0.05, abs=0.01)
+    # NFCorpus's rows, run by hand elsewhere, archived under the stage's archive.
+    archive("nfcorpus", [(row, str(tmp_path / "by_hand" / "nfcorpus" / row)) for row in ("de_sent", "md2pr")],
+            out / "kd_tuned" / "per_query")
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "skipped" not in proc.stderr, proc.stderr
+    first = json.load(open(out / "kd_tuned" / "vs_de" / "compare.json"))
+    tests = first["query_level"]["tests"]["test"]["ndcg@10"]
+    assert tests["pooled"]["md2pr"]["n"] == 70 and tests["nfcorpus"]["md2pr"]["mean"] == pytest.approx(0.04, abs=0.01)
+    sent = json.load(open(out / "kd_tuned" / "md2pr_vs_de_sent" / "compare.json"))
+    assert sent["baseline"] == "de_sent" and sent["query_level"]["tests"]["test"]["ndcg@10"]["pooled"]["md2pr"]["n"] == 70
+    # The runs gone: the same comparison from the archive.
+    shutil.rmtree(runs)
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and "skipped" not in proc.stderr, proc.stderr
+    again = json.load(open(out / "kd_tuned" / "vs_de" / "compare.json"))
+    assert again["query_level"]["tests"] == first["query_level"]["tests"]
+
+
+def test_distill_experiment_compares_tuned_rows_under_a_path_with_spaces(tmp_path):
+    """`compare-tuned` pairs each dataset's tuned rows (RUNS/NAME_tuned/ROW) with its tuned `de`,
+    pooled over the datasets that have them, whatever characters RUNS holds."""
     runs, out = tmp_path / "my runs", tmp_path / "out"
     rng = np.random.default_rng(0)
     for name, n in (("scifact", 30), ("nfcorpus", 40)):
-        base = rng.uniform(0, 1, n)
-        for row, shift in (("de", 0.0), ("de_sent", 0.05), ("md2pr", 0.1)):
-            for seed in (0, 1):
-                lay = Layout.at(runs / f"{name}_tuned" / row).row(row, seed)
-                folder = lay.per_query_dir(round_stage(1, "eval"))
-                folder.mkdir(parents=True)
-                vals = np.clip(base + shift + rng.normal(0, 0.01, n), 0, 1)
-                table = {m: {f"q{i}": float(v) for i, v in enumerate(vals)} for m in ("ndcg@10", "mrr@10", "recall@100")}
-                mean = metrics.mean_of(table)
-                per_query.metrics_path(folder, "student", "test").write_text(json.dumps(
-                    {"system": "student", "split": "test", "queries": n, "mean": mean, "metrics": table}))
-                lay.results.write_text(json.dumps({"rounds": [{"round": 1, "metrics": {"test": mean}}]}))
-                lay.config_json.write_text(json.dumps({"data": {"dataset": name}}))
+        _student_rows(runs, f"{name}_tuned", name, n, [("de", 0.0), ("de_sent", 0.05), ("md2pr", 0.1)], rng,
+                      rng.uniform(0, 1, n))
     env = dict(os.environ, RUNS=str(runs), PYTHON=sys.executable, OUT=str(out))
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "distill_experiment.sh"), "compare-tuned"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
