@@ -136,17 +136,25 @@ def load_tokenizer(config):
     """The student's tokenizer (the teacher shares its vocabulary), for data preparation: a
     `RustTokenizer` where the folder has tokenizer.json, else transformers' fast tokenizer
     (which converts a vocab.txt). `load_hf_tokenizer` is transformers' own, for export."""
-    folder = resolve_pretrained(config.student.tokenizer or config.student.init or MINILM_ID)
+    folder = _tokenizer_folder(config)
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
         return RustTokenizer(folder)
-    return load_hf_tokenizer(config)
+    return _hf_tokenizer(folder)
 
 
 def load_hf_tokenizer(config):
     """transformers' fast tokenizer for the student: what an export saves beside the weights."""
+    return _hf_tokenizer(_tokenizer_folder(config))
+
+
+def _tokenizer_folder(config) -> str:
+    return resolve_pretrained(config.student.tokenizer or config.student.init or MINILM_ID)
+
+
+def _hf_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_pretrained(config.student.tokenizer or config.student.init or MINILM_ID))
+    return AutoTokenizer.from_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------
